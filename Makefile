@@ -1,0 +1,36 @@
+# StepFlow developer targets. `make test` bootstraps everything on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+# CUDA sources are compiled when torch has CUDA and nvcc is found (STEPFLOW_CUDA=0|1|auto).
+export STEPFLOW_CUDA ?= auto
+export MAX_JOBS ?= 2
+
+.PHONY: venv build test test-fast bench demo clean
+
+venv: $(VENV)/.bootstrapped
+
+$(VENV)/.bootstrapped: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q ninja pybind11
+	$(PY) -m pip install --no-build-isolation -e .[dev]
+	touch $@
+
+# Incremental rebuild of stepflow_ext/_C (ninja recompiles only changed sources).
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m pytest -q benchmarks --benchmark-columns=min,mean,median --benchmark-sort=name
+
+demo: build
+	$(PY) examples/quickstart.py
+
+clean:
+	rm -rf build stepflow_ext/_C*.so *.egg-info

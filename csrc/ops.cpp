@@ -1,0 +1,38 @@
+// The stepflow op schemas and the Python module that carries them.
+//
+// Schemas live here, once; each backend registers its kernels in its own file
+// (csrc/cpu/*.cpp under TORCH_LIBRARY_IMPL(stepflow, CPU, ...), csrc/cuda/*.cu under CUDA).
+// Fake (meta) kernels and autograd are registered from Python (stepflow_ext/ops.py).
+#include <torch/extension.h>
+
+#include "stepflow.h"
+
+TORCH_LIBRARY(stepflow, m) {
+  // M[b, a, c] of design.md 2.2 for one layer, raw sums, fp32 (B, S, S).
+  m.def(
+      "step_saliency_pool(Tensor q, Tensor k, Tensor v, Tensor grad_out, Tensor seg_ids, "
+      "int num_segments, float scale, str head_reduction=\"sum_abs\", Tensor? lse=None) -> Tensor");
+  // Odds-Equal Bridge attention (design.md 2.3): (out, lse, stats=(p_C, p_X)).
+  m.def(
+      "oeb_attention(Tensor q, Tensor k, Tensor v, Tensor seg_start, Tensor kv_start, "
+      "float strength, int num_sink, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "oeb_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, "
+      "Tensor stats, Tensor seg_start, Tensor kv_start, float strength, int num_sink, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
+  // Step Momentum Injection (design.md 2.4): prefill from an empty state ...
+  m.def("step_momentum(Tensor h, Tensor seg_ids, Tensor seg_kinds, float beta, float gamma) -> Tensor");
+  // ... and the incremental form that carries the per-layer state across calls.
+  // momentum, step_sum: (B, D) fp32; counters: (B, 3) int64 = (current segment id,
+  // tokens summed in the current step, completed steps).
+  m.def(
+      "step_momentum_decode_(Tensor h, Tensor seg_ids, Tensor seg_kinds, Tensor(a!) momentum, "
+      "Tensor(b!) step_sum, Tensor(c!) counters, float beta, float gamma) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "StepFlow kernels: Step-Saliency pooling, Odds-Equal Bridge attention, Step Momentum Injection";
+  m.attr("__version__") = STEPFLOW_VERSION;
+  m.attr("cuda_compiled") = stepflow::cuda_compiled();
+  m.attr("cuda_archs") = std::string(STEPFLOW_CUDA_ARCHS);
+}

@@ -1,0 +1,18 @@
+"""StepFlow: Step-Saliency diagnostics and StepFlow test-time repair for reasoning models.
+
+See shared design (docs/method.md) for the equations. The compiled ops live in
+`stepflow_ext._C` and are reachable as `torch.ops.stepflow.*`; `stepflow_ext.ops` wraps
+them with argument checks.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C, ops, reference
+from .ops import oeb_attention, step_momentum, step_momentum_decode_, step_saliency_pool
+
+__version__ = _C.__version__
+cuda_compiled = _C.cuda_compiled
+
+__all__ = [
+    "ops", "reference", "step_saliency_pool", "oeb_attention", "step_momentum", "step_momentum_decode_",
+    "cuda_compiled", "__version__",
+]

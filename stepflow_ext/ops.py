@@ -1,0 +1,252 @@
+"""Python face of the compiled ops: argument checks, fake (meta) kernels and autograd.
+
+The C++ schemas are in csrc/ops.cpp; kernels in csrc/cpu (and csrc/cuda). The wrappers here
+check every argument and raise ValueError naming it, so bad input never reaches a kernel
+(the kernels TORCH_CHECK the same things again for callers of torch.ops.stepflow directly).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.stepflow.*)
+
+QUESTION, STEP, SUMMARY = 0, 1, 2
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+HEAD_REDUCTIONS = ("sum_abs", "abs_sum")
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_tensor(name, x, ndim, dtypes=_FLOAT_DTYPES):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
+
+
+def _check_device(ref_name, ref, **others):
+    if ref.device.type == "cuda" and not _C.cuda_compiled:
+        raise ValueError(f"{ref_name} is on {ref.device}, but stepflow_ext was built without CUDA "
+                         "kernels (rebuild with STEPFLOW_CUDA=1 on a machine with nvcc)")
+    if ref.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{ref_name} is on {ref.device}: only CPU and CUDA tensors are supported")
+    for name, x in others.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def _check_scalar_range(name, value, lo, hi, hi_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    ok = lo <= value < hi if hi_open else lo <= value <= hi
+    if not ok or value != value:
+        bracket = ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in [{lo}, {hi}{bracket}, got {value}")
+    return value
+
+
+def _check_attention_shapes(q, k, v, q_name="q"):
+    _check_tensor(q_name, q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{q_name}, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, _, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != b:
+        raise ValueError(f"k has batch {k.shape[0]} but {q_name} has batch {b}")
+    if k.shape[3] != d:
+        raise ValueError(f"k has head dim {k.shape[3]} but {q_name} has head dim {d}")
+    h_kv = k.shape[1]
+    if h_kv == 0 or h % h_kv != 0:
+        raise ValueError(f"the number of query heads ({h}) must be a multiple of the kv heads ({h_kv})")
+    if d == 0:
+        raise ValueError("head dim must be positive")
+
+
+def _check_scale(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not float(scale) > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    return float(scale)
+
+
+def _check_seg_ids(name, seg_ids, batch, length, num_segments=None):
+    _check_tensor(name, seg_ids, 2, dtypes=(torch.int64, torch.int32))
+    if tuple(seg_ids.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape ({batch}, {length}), got {tuple(seg_ids.shape)}")
+    if seg_ids.numel() and seg_ids.device.type != "meta":
+        lo, hi = int(seg_ids.min()), int(seg_ids.max())
+        if lo < -1:
+            raise ValueError(f"{name} must be >= -1 (-1 marks padding), found {lo}")
+        if num_segments is not None and hi >= num_segments:
+            raise ValueError(f"{name} has segment id {hi} but num_segments is {num_segments}")
+
+
+# --------------------------------------------------------------------------- step_saliency_pool
+
+
+def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None):
+    """The raw step map M[b, a, c] of design.md 2.2 for one layer, fp32 (B, S, S).
+
+    q, grad_out: (B, H, T, d); k, v: (B, H_kv, T, d); seg_ids: (B, T) int64, -1 on padding.
+    lse (optional, (B, H, T) fp32): the log-sum-exp of scale * q.k over each query's causal
+    valid keys, as attention forward kernels return it; given, it saves one pass over the keys.
+    """
+    _check_attention_shapes(q, k, v)
+    _check_tensor("grad_out", grad_out, 4)
+    if grad_out.shape != q.shape:
+        raise ValueError(f"grad_out must have the shape of q {tuple(q.shape)}, got {tuple(grad_out.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} tokens but q has {q.shape[2]}: step_saliency_pool needs Tq == Tk")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
+    _check_seg_ids("seg_ids", seg_ids, q.shape[0], q.shape[2], num_segments)
+    scale = _check_scale(scale)
+    if head_reduction not in HEAD_REDUCTIONS:
+        raise ValueError(f"head_reduction must be one of {HEAD_REDUCTIONS}, got {head_reduction!r}")
+    if lse is not None:
+        _check_tensor("lse", lse, 3, dtypes=(torch.float32,))
+        if tuple(lse.shape) != tuple(q.shape[:3]):
+            raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    _check_device("q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse)
+    return torch.ops.stepflow.step_saliency_pool(q, k, v, grad_out, seg_ids.long(), num_segments, scale,
+                                                 head_reduction, lse)
+
+
+@torch.library.register_fake("stepflow::step_saliency_pool")
+def _(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None):
+    return q.new_empty((q.shape[0], num_segments, num_segments), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- oeb_attention
+
+
+def _check_oeb_args(q, k, v, seg_start, kv_start, strength, num_sink, scale):
+    _check_attention_shapes(q, k, v)
+    b, _, tq, _ = q.shape
+    tk = k.shape[2]
+    if tq > tk:
+        raise ValueError(f"q has {tq} tokens but k only {tk}: queries must not outnumber keys")
+    _check_tensor("seg_start", seg_start, 2, dtypes=(torch.int64, torch.int32))
+    if tuple(seg_start.shape) != (b, tq):
+        raise ValueError(f"seg_start must have shape ({b}, {tq}), got {tuple(seg_start.shape)}")
+    _check_tensor("kv_start", kv_start, 1, dtypes=(torch.int64, torch.int32))
+    if tuple(kv_start.shape) != (b,):
+        raise ValueError(f"kv_start must have shape ({b},), got {tuple(kv_start.shape)}")
+    if kv_start.numel() and kv_start.device.type != "meta":
+        if int(kv_start.min()) < 0 or int(kv_start.max()) > tk:
+            raise ValueError(f"kv_start must be in [0, {tk}], got {kv_start.tolist()}")
+    if seg_start.numel() and seg_start.device.type != "meta":
+        lo, hi = int(seg_start.min()), int(seg_start.max())
+        if lo < -1 or hi >= tk:
+            raise ValueError(f"seg_start must be -1 (not rebalanced) or a key position in [0, {tk}), "
+                             f"found values in [{lo}, {hi}]")
+        qpos = torch.arange(tk - tq, tk, device=seg_start.device)
+        if bool((seg_start > qpos).any()):
+            raise ValueError("seg_start must not lie after its query's own position")
+    strength = _check_scalar_range("strength", strength, 0.0, 1.0)
+    if isinstance(num_sink, bool) or not isinstance(num_sink, int) or num_sink < 0:
+        raise ValueError(f"num_sink must be a non-negative int, got {num_sink!r}")
+    scale = _check_scale(scale)
+    _check_device("q", q, k=k, v=v, seg_start=seg_start, kv_start=kv_start)
+    return strength, scale
+
+
+def oeb_attention(q, k, v, seg_start, kv_start, strength, num_sink=1, scale=None):
+    """Odds-Equal Bridge attention (design.md 2.3). Returns (out, lse, stats).
+
+    q: (B, H, Tq, d); k, v: (B, H_kv, Tk, d) with Tq <= Tk, query i at key position Tk - Tq + i.
+    seg_start: (B, Tq) int64, key position where query i's segment starts, -1 for queries
+    that are not rebalanced (question tokens, padding). kv_start: (B,) first valid key (left
+    padding). out has q's dtype; lse (B, H, Tq) and stats (B, H, Tq, 2) = (p_C, p_X) are fp32.
+    Differentiable in q, k, v.
+    """
+    if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        scale = q.shape[-1] ** -0.5
+    strength, scale = _check_oeb_args(q, k, v, seg_start, kv_start, strength, num_sink, scale)
+    return torch.ops.stepflow.oeb_attention(q, k, v, seg_start.long(), kv_start.long(), strength, num_sink, scale)
+
+
+@torch.library.register_fake("stepflow::oeb_attention")
+def _(q, k, v, seg_start, kv_start, strength, num_sink, scale):
+    b, h, tq, _ = q.shape
+    return (torch.empty_like(q), q.new_empty((b, h, tq), dtype=torch.float32),
+            q.new_empty((b, h, tq, 2), dtype=torch.float32))
+
+
+@torch.library.register_fake("stepflow::oeb_attention_backward")
+def _(grad_out, q, k, v, lse, stats, seg_start, kv_start, strength, num_sink, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# --------------------------------------------------------------------------- step_momentum
+
+
+def _check_smi_args(h, seg_ids, seg_kinds, beta, gamma):
+    _check_tensor("h", h, 3)
+    b, t, _ = h.shape
+    _check_tensor("seg_kinds", seg_kinds, 2, dtypes=(torch.int64, torch.int32))
+    if seg_kinds.shape[0] != b:
+        raise ValueError(f"seg_kinds has batch {seg_kinds.shape[0]} but h has batch {b}")
+    if seg_kinds.numel() and seg_kinds.device.type != "meta":
+        if int(seg_kinds.min()) < 0 or int(seg_kinds.max()) > 2:
+            raise ValueError("seg_kinds must hold 0 (question), 1 (step) or 2 (summary)")
+    _check_seg_ids("seg_ids", seg_ids, b, t, seg_kinds.shape[1])
+    beta = _check_scalar_range("beta", beta, 0.0, 1.0, hi_open=True)
+    gamma = float(gamma) if isinstance(gamma, (int, float)) and not isinstance(gamma, bool) else gamma
+    if not isinstance(gamma, float) or not gamma >= 0 or gamma == float("inf"):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    _check_device("h", h, seg_ids=seg_ids, seg_kinds=seg_kinds)
+    return beta, gamma
+
+
+def step_momentum(h, seg_ids, seg_kinds, beta=0.9, gamma=0.05):
+    """Step Momentum Injection (design.md 2.4) over whole sequences: h (B, T, D) -> h'.
+
+    seg_ids (B, T) int64 (-1 on padding); seg_kinds (B, S) int64 codes 0/1/2 for
+    question/step/summary. Differentiable in h.
+    """
+    beta, gamma = _check_smi_args(h, seg_ids, seg_kinds, beta, gamma)
+    return torch.ops.stepflow.step_momentum(h, seg_ids.long(), seg_kinds.long(), beta, gamma)
+
+
+@torch.library.register_fake("stepflow::step_momentum")
+def _(h, seg_ids, seg_kinds, beta, gamma):
+    return torch.empty_like(h)
+
+
+def new_momentum_state(batch, hidden, device="cpu"):
+    """A fresh per-layer SMI state: (momentum (B, D) fp32, step_sum (B, D) fp32, counters (B, 3) int64)."""
+    counters = torch.zeros(batch, 3, dtype=torch.long, device=device)
+    counters[:, 0] = -1  # no current segment yet
+    return (torch.zeros(batch, hidden, dtype=torch.float32, device=device),
+            torch.zeros(batch, hidden, dtype=torch.float32, device=device), counters)
+
+
+def step_momentum_decode_(h, seg_ids, seg_kinds, state, beta=0.9, gamma=0.05):
+    """SMI for a chunk of new tokens, continuing `state` (new_momentum_state) in place.
+
+    Feeding a sequence in chunks gives the same result as step_momentum on the whole of it.
+    """
+    beta, gamma = _check_smi_args(h, seg_ids, seg_kinds, beta, gamma)
+    momentum, step_sum, counters = state
+    b, _, d = h.shape
+    for name, x, shape, dtype in (("momentum", momentum, (b, d), torch.float32),
+                                  ("step_sum", step_sum, (b, d), torch.float32),
+                                  ("counters", counters, (b, 3), torch.int64)):
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype:
+            raise ValueError(f"state {name} must be a {dtype} tensor of shape {shape}")
+        _check_device("h", h, **{name: x})
+    return torch.ops.stepflow.step_momentum_decode_(h, seg_ids.long(), seg_kinds.long(), momentum, step_sum,
+                                                    counters, beta, gamma)
+
+
+@torch.library.register_fake("stepflow::step_momentum_decode_")
+def _(h, seg_ids, seg_kinds, momentum, step_sum, counters, beta, gamma):
+    return torch.empty_like(h)
