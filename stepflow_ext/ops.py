@@ -28,10 +28,12 @@ def _check_tensor(name, x, ndim, dtypes=_FLOAT_DTYPES):
         raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
 
 
-def _check_device(ref_name, ref, **others):
+def _check_device(op, ref_name, ref, **others):
     if ref.device.type == "cuda" and not _C.cuda_compiled:
         raise ValueError(f"{ref_name} is on {ref.device}, but stepflow_ext was built without CUDA "
                          "kernels (rebuild with STEPFLOW_CUDA=1 on a machine with nvcc)")
+    if ref.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"stepflow::{op}", "CUDA"):
+        raise ValueError(f"{ref_name} is on {ref.device}, but this build has no CUDA kernel for stepflow::{op}")
     if ref.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{ref_name} is on {ref.device}: only CPU and CUDA tensors are supported")
     for name, x in others.items():
@@ -114,7 +116,7 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
         _check_tensor("lse", lse, 3, dtypes=(torch.float32,))
         if tuple(lse.shape) != tuple(q.shape[:3]):
             raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    _check_device("q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse)
+    _check_device("step_saliency_pool", "q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse)
     return torch.ops.stepflow.step_saliency_pool(q, k, v, grad_out, seg_ids.long(), num_segments, scale,
                                                  head_reduction, lse)
 
@@ -154,7 +156,7 @@ def _check_oeb_args(q, k, v, seg_start, kv_start, strength, num_sink, scale):
     if isinstance(num_sink, bool) or not isinstance(num_sink, int) or num_sink < 0:
         raise ValueError(f"num_sink must be a non-negative int, got {num_sink!r}")
     scale = _check_scale(scale)
-    _check_device("q", q, k=k, v=v, seg_start=seg_start, kv_start=kv_start)
+    _check_device("oeb_attention", "q", q, k=k, v=v, seg_start=seg_start, kv_start=kv_start)
     return strength, scale
 
 
@@ -202,7 +204,7 @@ def _check_smi_args(h, seg_ids, seg_kinds, beta, gamma):
     gamma = float(gamma) if isinstance(gamma, (int, float)) and not isinstance(gamma, bool) else gamma
     if not isinstance(gamma, float) or not gamma >= 0 or gamma == float("inf"):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-    _check_device("h", h, seg_ids=seg_ids, seg_kinds=seg_kinds)
+    _check_device("step_momentum", "h", h, seg_ids=seg_ids, seg_kinds=seg_kinds)
     return beta, gamma
 
 
@@ -242,7 +244,7 @@ def step_momentum_decode_(h, seg_ids, seg_kinds, state, beta=0.9, gamma=0.05):
                                   ("counters", counters, (b, 3), torch.int64)):
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype:
             raise ValueError(f"state {name} must be a {dtype} tensor of shape {shape}")
-        _check_device("h", h, **{name: x})
+        _check_device("step_momentum_decode_", "h", h, **{name: x})
     return torch.ops.stepflow.step_momentum_decode_(h, seg_ids.long(), seg_kinds.long(), momentum, step_sum,
                                                     counters, beta, gamma)
 
