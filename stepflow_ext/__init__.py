@@ -8,11 +8,12 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, ops, reference
 from .ops import oeb_attention, step_momentum, step_momentum_decode_, step_saliency_pool
+from .segment import Segmentation, StepTracker, segment
 
 __version__ = _C.__version__
 cuda_compiled = _C.cuda_compiled
 
 __all__ = [
     "ops", "reference", "step_saliency_pool", "oeb_attention", "step_momentum", "step_momentum_decode_",
-    "cuda_compiled", "__version__",
+    "Segmentation", "segment", "StepTracker", "cuda_compiled", "__version__",
 ]
