@@ -27,6 +27,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -38,8 +39,8 @@ namespace {
 
 // Columns of the counters state tensor.
 constexpr int64_t kCurSeg = 0, kStepTokens = 1, kCompleted = 2;
-// D slice of the step-sum pass: rows x slices give the parallelism when B is small.
-constexpr int64_t kDSlice = 128;
+// Narrowest D slice of the step-sum pass (rows x slices give the parallelism when B is small).
+constexpr int64_t kMinDSlice = 128;
 // Elements of h a thread should get at least: a decode step of one token stays on the calling
 // thread instead of paying an OpenMP fork/join (which costs far more than the work).
 constexpr int64_t kGrainElements = 32768;
@@ -175,12 +176,16 @@ void run_chunk(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor&
   }
 
   // sums: each (row, D slice) walks the row's tokens in order, so every element is summed in
-  // token order whatever the chunking.
-  const int64_t slices = (d + kDSlice - 1) / kDSlice;
-  const int64_t slice_work = std::max<int64_t>(1, t * std::min(d, kDSlice));
-  at::parallel_for(0, b * slices, ceil_div(kGrainElements, slice_work), [&](int64_t begin, int64_t end) {
+  // token order whatever the chunking. Rows first; a row is split into D slices only as far as
+  // threads are left over (a thread then streams one slice of every token, which is kinder to the
+  // prefetcher than one thread walking many narrow slices).
+  const int64_t slices = std::clamp<int64_t>(ceil_div(at::get_num_threads(), std::max<int64_t>(b, 1)), 1,
+                                             ceil_div(d, kMinDSlice));
+  const int64_t slice_len = ceil_div(ceil_div(d, slices), 16) * 16;
+  at::parallel_for(0, b * slices, ceil_div(kGrainElements, std::max<int64_t>(1, t * slice_len)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t r = w / slices, d0 = (w % slices) * kDSlice, d1 = std::min(d, d0 + kDSlice);
+      const int64_t r = w / slices, d0 = std::min(d, (w % slices) * slice_len), d1 = std::min(d, d0 + slice_len);
       const RowPlan& p = plans[r];
       for (int64_t i = 0; i < t; ++i) {
         const int32_t slot = p.slot[i];
