@@ -265,9 +265,10 @@ def _step_momentum_torch(h, seg_ids, seg_kinds, beta, gamma):
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     x = h.to(acc)
     valid = seg_ids >= 0
-    slot = torch.where(valid, seg_ids, s)  # padding sums into a spare slot s
-    sums = x.new_zeros(b, s + 1, d).scatter_add(1, slot[:, :, None].expand(b, t, d), x)[:, :s]
-    counts = x.new_zeros(b, s + 1).scatter_add(1, slot, valid.to(acc))[:, :s]
+    rows = torch.arange(b, device=h.device)[:, None]
+    slot = (rows * (s + 1) + torch.where(valid, seg_ids, s)).reshape(-1)  # padding sums into spare slot s
+    sums = x.new_zeros(b * (s + 1), d).index_add(0, slot, x.reshape(b * t, d)).view(b, s + 1, d)[:, :s]
+    counts = x.new_zeros(b * (s + 1)).index_add(0, slot, valid.reshape(-1).to(acc)).view(b, s + 1)[:, :s]
     means = sums / counts.clamp(min=1)[:, :, None]
     folds = (seg_kinds == STEP) & (counts > 0)  # empty steps do not count
     m = x.new_zeros(b, d)
@@ -284,11 +285,11 @@ def _step_momentum_torch(h, seg_ids, seg_kinds, beta, gamma):
     inject_seg = (seg_kinds != QUESTION) & (k_seg >= 1) & (norm_seg > 0)
     safe_norm = torch.where(inject_seg, norm_seg, torch.ones_like(norm_seg))
     gidx = torch.where(valid, seg_ids, 0)
-    m_tok = m_seg.gather(1, gidx[:, :, None].expand(b, t, d))
+    m_tok = m_seg.reshape(b * s, d).index_select(0, (rows * s + gidx).reshape(-1)).view(b, t, d)
     inject = inject_seg.gather(1, gidx) & valid
     coef = gamma * torch.linalg.vector_norm(x, dim=-1) / safe_norm.gather(1, gidx)
-    out = torch.where(inject[:, :, None], x + coef[:, :, None] * m_tok, x)
-    return out.to(h.dtype)
+    coef = torch.where(inject, coef, torch.zeros_like(coef))  # (B, T): no (B, T, D) select
+    return (x + coef[:, :, None] * m_tok).to(h.dtype)
 
 
 def _step_momentum_setup_context(ctx, inputs, output):
