@@ -128,6 +128,16 @@ def test_zero_momentum_adds_nothing(seed):
                                                             0.0, 0.5) for i in range(6)], 1), out)
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 5), (2, 6, 0), (0, 4, 3)])
+def test_empty_shapes(shape):
+    b, t, d = shape
+    h, seg_ids, seg_kinds = torch.randn(b, t, d), torch.zeros(b, t, dtype=torch.long), torch.ones(b, 1).long()
+    assert torch.equal(ops.step_momentum(h, seg_ids, seg_kinds, 0.9, 0.5), h)
+    state = ops.new_momentum_state(b, d)
+    assert torch.equal(ops.step_momentum_decode_(h, seg_ids, seg_kinds, state, 0.9, 0.5), h)
+    assert state[2].tolist() == ([[0, t, 0]] * b if t else [[-1, 0, 0]] * b)
+
+
 def test_noncontiguous_inputs(seed):
     seg_ids, seg_kinds, _ = random_seg_ids(3, 30, pad="left")
     h = torch.randn(3, 12, 30).transpose(1, 2)  # (3, 30, 12), strided

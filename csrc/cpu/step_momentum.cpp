@@ -180,7 +180,7 @@ void run_chunk(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor&
   // threads are left over (a thread then streams one slice of every token, which is kinder to the
   // prefetcher than one thread walking many narrow slices).
   const int64_t slices = std::clamp<int64_t>(ceil_div(at::get_num_threads(), std::max<int64_t>(b, 1)), 1,
-                                             ceil_div(d, kMinDSlice));
+                                             std::max<int64_t>(1, ceil_div(d, kMinDSlice)));
   const int64_t slice_len = ceil_div(ceil_div(d, slices), 16) * 16;
   at::parallel_for(0, b * slices, ceil_div(kGrainElements, std::max<int64_t>(1, t * slice_len)),
                    [&](int64_t begin, int64_t end) {
