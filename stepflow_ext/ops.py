@@ -188,18 +188,44 @@ def _(grad_out, q, k, v, lse, stats, seg_start, kv_start, strength, num_sink, sc
 
 
 # --------------------------------------------------------------------------- step_momentum
+#
+# Segments are taken in the order tokens arrive: along the valid (seg id >= 0) tokens of a row
+# the segment ids must never decrease (a decode chunk must also not go back before the state's
+# current segment). Both the wrappers (ValueError) and the kernels (RuntimeError) check it.
 
 
-def _check_smi_args(h, seg_ids, seg_kinds, beta, gamma):
+def _check_seg_order(seg_ids, current=None):
+    """ValueError unless the valid seg ids of every row are non-decreasing (and >= current)."""
+    if not seg_ids.numel() or seg_ids.device.type == "meta":
+        return
+    ids = seg_ids if current is None else torch.cat([current[:, None].to(seg_ids.dtype), seg_ids], dim=1)
+    bad = (ids >= 0) & (ids != ids.cummax(dim=1).values)
+    if bool(bad.any()):
+        row, pos = (int(v) for v in bad.nonzero()[0])
+        prev, seg = int(ids[row, :pos].max()), int(ids[row, pos])
+        state = "" if current is None else f" (the state was in segment {int(current[row])})"
+        token = pos if current is None else pos - 1
+        raise ValueError(f"seg_ids must not decrease along a row (segments are taken in the order tokens arrive): "
+                         f"row {row} token {token} has segment {seg} after segment {prev}{state}")
+
+
+def _check_smi_args(h, seg_ids, seg_kinds, beta, gamma, check_values=True):
+    """Shapes, dtypes, devices and scalars; with check_values also the contents of seg_ids and
+    seg_kinds (range, order), which reads them (a device sync on CUDA)."""
     _check_tensor("h", h, 3)
     b, t, _ = h.shape
     _check_tensor("seg_kinds", seg_kinds, 2, dtypes=(torch.int64, torch.int32))
     if seg_kinds.shape[0] != b:
         raise ValueError(f"seg_kinds has batch {seg_kinds.shape[0]} but h has batch {b}")
-    if seg_kinds.numel() and seg_kinds.device.type != "meta":
-        if int(seg_kinds.min()) < 0 or int(seg_kinds.max()) > 2:
-            raise ValueError("seg_kinds must hold 0 (question), 1 (step) or 2 (summary)")
-    _check_seg_ids("seg_ids", seg_ids, b, t, seg_kinds.shape[1])
+    if check_values:
+        if seg_kinds.numel() and seg_kinds.device.type != "meta":
+            if int(seg_kinds.min()) < 0 or int(seg_kinds.max()) > 2:
+                raise ValueError("seg_kinds must hold 0 (question), 1 (step) or 2 (summary)")
+        _check_seg_ids("seg_ids", seg_ids, b, t, seg_kinds.shape[1])
+    else:
+        _check_tensor("seg_ids", seg_ids, 2, dtypes=(torch.int64, torch.int32))
+        if tuple(seg_ids.shape) != (b, t):
+            raise ValueError(f"seg_ids must have shape ({b}, {t}), got {tuple(seg_ids.shape)}")
     beta = _check_scalar_range("beta", beta, 0.0, 1.0, hi_open=True)
     gamma = float(gamma) if isinstance(gamma, (int, float)) and not isinstance(gamma, bool) else gamma
     if not isinstance(gamma, float) or not gamma >= 0 or gamma == float("inf"):
@@ -211,10 +237,13 @@ def _check_smi_args(h, seg_ids, seg_kinds, beta, gamma):
 def step_momentum(h, seg_ids, seg_kinds, beta=0.9, gamma=0.05):
     """Step Momentum Injection (design.md 2.4) over whole sequences: h (B, T, D) -> h'.
 
-    seg_ids (B, T) int64 (-1 on padding); seg_kinds (B, S) int64 codes 0/1/2 for
-    question/step/summary. Differentiable in h.
+    seg_ids (B, T) int64 (-1 on padding, left unchanged); seg_kinds (B, S) int64 codes 0/1/2
+    for question/step/summary. Along the valid tokens of a row the seg ids must not decrease.
+    Computes in fp32 (fp64 for fp64 h). Differentiable in h (the backward differentiates
+    `_step_momentum_torch`, the same function in PyTorch ops; double backward works too).
     """
     beta, gamma = _check_smi_args(h, seg_ids, seg_kinds, beta, gamma)
+    _check_seg_order(seg_ids)
     return torch.ops.stepflow.step_momentum(h, seg_ids.long(), seg_kinds.long(), beta, gamma)
 
 
@@ -223,8 +252,77 @@ def _(h, seg_ids, seg_kinds, beta, gamma):
     return torch.empty_like(h)
 
 
+def _step_momentum_torch(h, seg_ids, seg_kinds, beta, gamma):
+    """The step_momentum op's function in differentiable PyTorch ops (its backward runs this).
+
+    Vectorized: segment sums by scatter_add, the momentum recurrence as a loop over the S
+    segment slots (O(S * B * D)), per-token gathers; no data-dependent control flow, so it
+    traces under fake tensors. Seg ids must be non-decreasing (the op checks), which makes
+    segment-id order the arrival order.
+    """
+    b, t, d = h.shape
+    s = seg_kinds.shape[1]
+    if s == 0:  # every token is padding
+        return h.clone()
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    x = h.to(acc)
+    valid = seg_ids >= 0
+    rows = torch.arange(b, device=h.device)[:, None]
+    slot = (rows * (s + 1) + torch.where(valid, seg_ids, s)).reshape(-1)  # padding sums into spare slot s
+    sums = x.new_zeros(b * (s + 1), d).index_add(0, slot, x.reshape(b * t, d)).view(b, s + 1, d)[:, :s]
+    counts = x.new_zeros(b * (s + 1)).index_add(0, slot, valid.reshape(-1).to(acc)).view(b, s + 1)[:, :s]
+    means = sums / counts.clamp(min=1)[:, :, None]
+    folds = (seg_kinds == STEP) & (counts > 0)  # empty steps do not count
+    m = x.new_zeros(b, d)
+    k = torch.zeros(b, dtype=torch.long, device=h.device)
+    m_before, k_before = [], []
+    for j in range(s):  # m_before[:, j]: the momentum over the steps completed before segment j
+        m_before.append(m)
+        k_before.append(k)
+        new = torch.where((k == 0)[:, None], means[:, j], beta * m + (1 - beta) * means[:, j])
+        m = torch.where(folds[:, j, None], new, m)
+        k = k + folds[:, j].long()
+    m_seg, k_seg = torch.stack(m_before, 1), torch.stack(k_before, 1)
+    norm_seg = torch.linalg.vector_norm(m_seg, dim=-1)
+    inject_seg = (seg_kinds != QUESTION) & (k_seg >= 1) & (norm_seg > 0)
+    safe_norm = torch.where(inject_seg, norm_seg, torch.ones_like(norm_seg))
+    gidx = torch.where(valid, seg_ids, 0)
+    m_tok = m_seg.reshape(b * s, d).index_select(0, (rows * s + gidx).reshape(-1)).view(b, t, d)
+    inject = inject_seg.gather(1, gidx) & valid
+    coef = gamma * torch.linalg.vector_norm(x, dim=-1) / safe_norm.gather(1, gidx)
+    coef = torch.where(inject, coef, torch.zeros_like(coef))  # (B, T): no (B, T, D) select
+    return (x + coef[:, :, None] * m_tok).to(h.dtype)
+
+
+def _step_momentum_setup_context(ctx, inputs, output):
+    h, seg_ids, seg_kinds, beta, gamma = inputs
+    ctx.save_for_backward(h, seg_ids, seg_kinds)
+    ctx.beta, ctx.gamma = beta, gamma
+
+
+def _step_momentum_backward(ctx, grad):
+    h, seg_ids, seg_kinds = ctx.saved_tensors
+    # Recompute the forward in PyTorch ops and differentiate it: O(T * D) memory and time.
+    # Under create_graph (grad mode on here) stay on h's graph, so double backward works.
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x = h if create_graph and h.requires_grad else h.detach().requires_grad_(True)
+        y = _step_momentum_torch(x, seg_ids, seg_kinds, ctx.beta, ctx.gamma)
+        (grad_h,) = torch.autograd.grad(y, x, grad, create_graph=create_graph)
+    return grad_h, None, None, None, None
+
+
+torch.library.register_autograd("stepflow::step_momentum", _step_momentum_backward,
+                                setup_context=_step_momentum_setup_context)
+
+
 def new_momentum_state(batch, hidden, device="cpu"):
-    """A fresh per-layer SMI state: (momentum (B, D) fp32, step_sum (B, D) fp32, counters (B, 3) int64)."""
+    """A fresh per-layer SMI state: (momentum (B, D) fp32, step_sum (B, D) fp32, counters (B, 3) int64).
+
+    counters[b] = (current segment id or -1, tokens summed in the current step, completed steps K);
+    step_sum is the fp32 sum of the current step's hidden states so far (zero when the current
+    segment is not a step); momentum is m_K (meaningless while K == 0).
+    """
     counters = torch.zeros(batch, 3, dtype=torch.long, device=device)
     counters[:, 0] = -1  # no current segment yet
     return (torch.zeros(batch, hidden, dtype=torch.float32, device=device),
@@ -232,21 +330,60 @@ def new_momentum_state(batch, hidden, device="cpu"):
 
 
 def step_momentum_decode_(h, seg_ids, seg_kinds, state, beta=0.9, gamma=0.05):
-    """SMI for a chunk of new tokens, continuing `state` (new_momentum_state) in place.
+    """SMI for a chunk of new tokens (any length: one token of generation, a whole prompt),
+    continuing `state` (new_momentum_state) in place; returns the new h (B, T, D).
 
-    Feeding a sequence in chunks gives the same result as step_momentum on the whole of it.
+    seg_ids (B, T) are the chunk's segment ids (-1 padding: skipped, state untouched), seg_kinds
+    (B, S) the kinds of every segment so far. When a token of a new segment arrives, the current
+    segment, if it is a step, is folded into the momentum first. Feeding a sequence in chunks
+    gives the result of step_momentum on the whole of it (bit for bit for fp32/fp16/bf16; fp64 h
+    rounds through the fp32 state between chunks). Not differentiable: call it without grad
+    (generation); teacher-forced passes that need gradients use step_momentum.
     """
-    beta, gamma = _check_smi_args(h, seg_ids, seg_kinds, beta, gamma)
+    # Per-token calls are hot: on CPU the kernel validates the contents of seg_ids, seg_kinds and
+    # the counters (before it writes anything) and its errors come back as ValueError here.
+    on_cpu = h.device.type == "cpu" if isinstance(h, torch.Tensor) else True
+    beta, gamma = _check_smi_args(h, seg_ids, seg_kinds, beta, gamma, check_values=not on_cpu)
+    if not isinstance(state, (tuple, list)) or len(state) != 3:
+        raise ValueError("state must be the (momentum, step_sum, counters) tuple of new_momentum_state")
     momentum, step_sum, counters = state
     b, _, d = h.shape
     for name, x, shape, dtype in (("momentum", momentum, (b, d), torch.float32),
                                   ("step_sum", step_sum, (b, d), torch.float32),
                                   ("counters", counters, (b, 3), torch.int64)):
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype:
-            raise ValueError(f"state {name} must be a {dtype} tensor of shape {shape}")
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"state {name} must be a {dtype} tensor of shape {shape}, got {got}")
         _check_device("step_momentum_decode_", "h", h, **{name: x})
-    return torch.ops.stepflow.step_momentum_decode_(h, seg_ids.long(), seg_kinds.long(), momentum, step_sum,
-                                                    counters, beta, gamma)
+    if not on_cpu:
+        _check_seg_order(seg_ids, current=counters[:, 0])
+
+    def call(x):
+        try:
+            return torch.ops.stepflow.step_momentum_decode_(x, seg_ids.long(), seg_kinds.long(), momentum,
+                                                            step_sum, counters, beta, gamma)
+        except RuntimeError as e:
+            if str(e).startswith("step_momentum"):  # a TORCH_CHECK on the arguments
+                raise ValueError(str(e).split("\n")[0]) from e
+            raise
+
+    if torch.is_grad_enabled() and h.requires_grad:
+        return _DecodeNotDifferentiable.apply(h, call)  # a forward works; a backward raises
+    return call(h)
+
+
+class _DecodeNotDifferentiable(torch.autograd.Function):
+    """Runs the decode op on a graph-carrying h; backpropagating through it raises instead of
+    silently giving zero gradients (torch's fallback for ops without an autograd kernel)."""
+
+    @staticmethod
+    def forward(ctx, h, call):
+        return call(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("step_momentum_decode_ is not differentiable; use step_momentum (the prefill op) "
+                           "on the whole sequence to get gradients")
 
 
 @torch.library.register_fake("stepflow::step_momentum_decode_")
