@@ -185,6 +185,30 @@ def _(grad_out, q, k, v, lse, stats, seg_start, kv_start, strength, num_sink, sc
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _oeb_setup_context(ctx, inputs, output):
+    q, k, v, seg_start, kv_start, strength, num_sink, scale = inputs
+    _, lse, stats = output
+    # Gradients flow from `out` only: lse and stats are diagnostics (the pre-rebalance
+    # normalizer and group masses) and are marked non-differentiable.
+    ctx.mark_non_differentiable(lse, stats)
+    ctx.save_for_backward(q, k, v, lse, stats, seg_start, kv_start)
+    ctx.strength, ctx.num_sink, ctx.scale = strength, num_sink, scale
+
+
+def _oeb_backward(ctx, grad_out, grad_lse, grad_stats):
+    q, k, v, lse, stats, seg_start, kv_start = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 8
+    dq, dk, dv = torch.ops.stepflow.oeb_attention_backward(
+        grad_out.contiguous(), q, k, v, lse, stats, seg_start, kv_start, ctx.strength, ctx.num_sink, ctx.scale)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            None, None, None, None, None)  # no gradient for seg_start, kv_start or the scalars
+
+
+torch.library.register_autograd("stepflow::oeb_attention", _oeb_backward, setup_context=_oeb_setup_context)
+
+
 # --------------------------------------------------------------------------- step_momentum
 
 
