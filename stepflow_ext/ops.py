@@ -167,7 +167,8 @@ def oeb_attention(q, k, v, seg_start, kv_start, strength, num_sink=1, scale=None
     seg_start: (B, Tq) int64, key position where query i's segment starts, -1 for queries
     that are not rebalanced (question tokens, padding). kv_start: (B,) first valid key (left
     padding). out has q's dtype; lse (B, H, Tq) and stats (B, H, Tq, 2) = (p_C, p_X) are fp32.
-    Differentiable in q, k, v.
+    Differentiable in q, k, v through `out` (docs/method_oeb_backward.md); lse and stats are
+    diagnostics taken before rebalancing and are not differentiable.
     """
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = q.shape[-1] ** -0.5
@@ -185,6 +186,30 @@ def _(q, k, v, seg_start, kv_start, strength, num_sink, scale):
 @torch.library.register_fake("stepflow::oeb_attention_backward")
 def _(grad_out, q, k, v, lse, stats, seg_start, kv_start, strength, num_sink, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _oeb_setup_context(ctx, inputs, output):
+    q, k, v, seg_start, kv_start, strength, num_sink, scale = inputs
+    _, lse, stats = output
+    # Gradients flow from `out` only: lse and stats are diagnostics (the pre-rebalance
+    # normalizer and group masses) and are marked non-differentiable.
+    ctx.mark_non_differentiable(lse, stats)
+    ctx.save_for_backward(q, k, v, lse, stats, seg_start, kv_start)
+    ctx.strength, ctx.num_sink, ctx.scale = strength, num_sink, scale
+
+
+def _oeb_backward(ctx, grad_out, grad_lse, grad_stats):
+    q, k, v, lse, stats, seg_start, kv_start = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 8
+    dq, dk, dv = torch.ops.stepflow.oeb_attention_backward(
+        grad_out.contiguous(), q, k, v, lse, stats, seg_start, kv_start, ctx.strength, ctx.num_sink, ctx.scale)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+            None, None, None, None, None)  # no gradient for seg_start, kv_start or the scalars
+
+
+torch.library.register_autograd("stepflow::oeb_attention", _oeb_backward, setup_context=_oeb_setup_context)
 
 
 # --------------------------------------------------------------------------- step_momentum

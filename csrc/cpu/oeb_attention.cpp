@@ -1,0 +1,474 @@
+// Odds-Equal Bridge attention on the CPU (design.md 2.3; backward: docs/method_oeb_backward.md).
+//
+// For one query row the allowed keys [kv, end) split into three contiguous ranges:
+//   group 0 = [kv, a)   keys that are never rescaled (the sinks; every key when the row is
+//                        not rebalanced),
+//   group 1 = [a, b)    X, the context before the query's segment,
+//   group 2 = [b, end)  C, the current segment.
+// Each group keeps its own exact maximum, so its log-mass L_g = m_g + log l_g is exact even
+// when p_X underflows in float: r_X = p'_X / p_X can be astronomically large, but A'_j =
+// exp(s_j - lse + log r_g) never exceeds 1, and everything is computed in that form.
+//
+// Work is tiled: the forward and the first backward pass run over (batch, head, query
+// block) with a strip of block x keys; the second backward pass runs over (batch, kv head,
+// key block) with a strip of queries x block. Matrix products on strips use at::mm (single
+// threaded inside at::parallel_for); exponentials use at::exp_ on the whole strip
+// (vectorized); the rest are short loops over contiguous key ranges. Nothing is T x T.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "stepflow.h"
+
+namespace stepflow {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlockQ = 64;  // query rows per forward / backward-pass-1 tile
+constexpr int64_t kBlockK = 64;  // key rows per backward-pass-2 tile
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Per-row scalars saved by backward pass 1 for pass 2: for each group g, the shifted
+// log-normalizer lse - log r_g (so A'_ij = exp(s_ij - shift_g)) and c~_g.
+constexpr int64_t kRowFields = 6;
+
+struct Ranges {
+  int64_t lo[3], hi[3];  // group g covers key positions [lo[g], hi[g])
+  bool any() const { return hi[2] > lo[0]; }
+};
+
+// Query at key position pos, with segment start seg (-1: not rebalanced) and first valid key kv.
+inline Ranges row_ranges(int64_t kv, int64_t seg, int64_t pos, int64_t num_sink) {
+  const int64_t end = std::max(pos + 1, kv);
+  int64_t a = end, b = end;
+  if (seg >= 0) {
+    a = kv + std::min(num_sink, end - kv);
+    b = std::max(a, std::min(seg, end));
+  }
+  return {{kv, a, b}, {a, b, end}};
+}
+
+inline double log_add_exp(double x, double y) {
+  if (x == -kInf) return y;
+  if (y == -kInf) return x;
+  const double m = std::max(x, y);
+  return m + std::log1p(std::exp(-std::abs(x - y)));
+}
+
+inline double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
+
+// The rebalance of one row from its group log-masses L[g] (any common offset; -inf when a
+// group is empty). log_r[g] = log(p'_g / p_g), zero for group 0 and for rows not locked.
+struct Rebalance {
+  double lse;       // log-sum-exp over all allowed keys (same offset as L)
+  double log_r[3];
+  double s;         // o' / (1 + o')
+  bool locked;
+};
+
+inline Rebalance rebalance(const double L[3], double strength) {
+  Rebalance rb{log_add_exp(log_add_exp(L[0], L[1]), L[2]), {0.0, 0.0, 0.0}, 0.0, false};
+  // p_X > 0 and p_C > p_X; in logs (L[1] is finite exactly when X has a key).
+  rb.locked = L[1] > -kInf && L[2] > L[1];
+  if (rb.locked) {
+    const double t = (1.0 - strength) * (L[2] - L[1]);  // log o'
+    const double log_m = log_add_exp(L[1], L[2]);      // log (p_C + p_X)
+    rb.s = 1.0 / (1.0 + std::exp(-t));
+    rb.log_r[1] = log_m - softplus(t) - L[1];           // p'_X = M / (1 + o')
+    rb.log_r[2] = log_m - softplus(-t) - L[2];          // p'_C = M o' / (1 + o')
+  }
+  return rb;
+}
+
+// c~_g = c_g / r_g (docs/method_oeb_backward.md) from the group means D_g of dO.v under A
+// and the rebalanced masses pm_g = p'_g. Bounded even where r_X is huge.
+inline void backward_scalars(const Rebalance& rb, const double D[3], const double pm[3], double strength,
+                             double ct[3]) {
+  const double delta = pm[0] * D[0] + pm[1] * D[1] + pm[2] * D[2];  // dO_i . out_i
+  ct[0] = ct[1] = ct[2] = delta;
+  if (!rb.locked) return;
+  const double s = rb.s, lam1 = 1.0 - strength, diff = D[2] - D[1];
+  const double mix = s * D[2] + (1.0 - s) * D[1];
+  const double inv_rx = std::exp(-rb.log_r[1]), inv_rc = std::exp(-rb.log_r[2]);
+  ct[1] = D[1] + (delta - mix) * inv_rx + lam1 * s * diff;
+  ct[2] = D[2] + (delta - mix) * inv_rc - lam1 * (1.0 - s) * diff;
+}
+
+// Row r of a strip whose column c is key k_lo + c: scale the raw scores, subtract each
+// group's max (returned in m[g], -inf for empty groups) and set columns outside the
+// allowed keys to -inf, ready for exp.
+template <typename acc_t>
+void shift_row(acc_t* x, int64_t k_lo, int64_t n, const Ranges& rg, acc_t scale, double m[3]) {
+  int64_t done = 0;  // columns [0, done) are written
+  for (int g = 0; g < 3; ++g) {
+    const int64_t c0 = rg.lo[g] - k_lo, c1 = rg.hi[g] - k_lo;
+    m[g] = -kInf;
+    if (c1 <= c0) continue;
+    acc_t mx = x[c0];
+#pragma omp simd reduction(max : mx)
+    for (int64_t c = c0; c < c1; ++c) mx = x[c] > mx ? x[c] : mx;  // (std::max does not vectorize)
+    const acc_t shift = scale * mx;  // scale > 0, so the max of scaled scores
+    m[g] = static_cast<double>(shift);
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) x[c] = scale * x[c] - shift;
+    done = c1;
+  }
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t c = std::max<int64_t>(done, 0); c < n; ++c) x[c] = ninf;
+}
+
+template <typename acc_t>
+double range_sum(const acc_t* x, int64_t c0, int64_t c1) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = c0; c < c1; ++c) acc += static_cast<double>(x[c]);
+  return acc;
+}
+
+template <typename acc_t>
+double range_dot(const acc_t* x, const acc_t* y, int64_t c0, int64_t c1) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = c0; c < c1; ++c) acc += static_cast<double>(x[c]) * static_cast<double>(y[c]);
+  return acc;
+}
+
+template <typename acc_t>
+void range_scale(acc_t* x, int64_t c0, int64_t c1, acc_t f) {
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) x[c] *= f;
+}
+
+// The exponentiated strip E (E_j = exp(s_j - m_g), 0 outside the allowed keys) gives, per row,
+// the group log-masses and the rebalance. Shared by the forward and backward pass 1.
+template <typename acc_t>
+Rebalance row_rebalance(const acc_t* e, int64_t k_lo, const Ranges& rg, const double m[3], double strength,
+                        double L[3], double l[3]) {
+  for (int g = 0; g < 3; ++g) {
+    l[g] = rg.hi[g] > rg.lo[g] ? range_sum(e, rg.lo[g] - k_lo, rg.hi[g] - k_lo) : 0.0;
+    L[g] = l[g] > 0 ? m[g] + std::log(l[g]) : -kInf;
+  }
+  return rebalance(L, strength);
+}
+
+struct Problem {
+  int64_t B, H, Hkv, G, Tq, Tk, d;
+  const int64_t* seg;  // (B, Tq)
+  const int64_t* kv;   // (B,)
+  double strength, scale;
+  int64_t num_sink;
+  Ranges ranges(int64_t b, int64_t i) const { return row_ranges(kv[b], seg[b * Tq + i], Tk - Tq + i, num_sink); }
+};
+
+// ---------------------------------------------------------------------------------- forward
+
+template <typename acc_t>
+void forward_impl(const Problem& P, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                  float* lse, float* stats) {
+  const int64_t nqb = (P.Tq + kBlockQ - 1) / kBlockQ;
+  // Tasks are head-major (block fastest) so a static split gives each thread whole heads,
+  // which balances the causal triangle.
+  at::parallel_for(0, P.B * P.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nqb, b = bh / P.H, h = bh % P.H, hk = h / P.G;
+      const int64_t i0 = (t % nqb) * kBlockQ, nr = std::min(kBlockQ, P.Tq - i0);
+      const int64_t k_lo = P.kv[b], n = P.Tk - P.Tq + i0 + nr - k_lo;  // keys [kv, last query + 1)
+      float* lse_blk = lse + bh * P.Tq + i0;
+      float* st_blk = stats + (bh * P.Tq + i0) * 2;
+      if (n <= 0) {  // no query of the block sees a key: out stays 0
+        std::fill(lse_blk, lse_blk + nr, -std::numeric_limits<float>::infinity());
+        continue;
+      }
+      Tensor S = at::mm(q[b][h].narrow(0, i0, nr), k[b][hk].narrow(0, k_lo, n).t());
+      acc_t* s = S.data_ptr<acc_t>();
+      std::vector<Ranges> rgs(nr);
+      std::vector<double> m(3 * nr);
+      for (int64_t r = 0; r < nr; ++r) {
+        rgs[r] = P.ranges(b, i0 + r);
+        shift_row(s + r * n, k_lo, n, rgs[r], static_cast<acc_t>(P.scale), &m[3 * r]);
+      }
+      S.exp_();
+      for (int64_t r = 0; r < nr; ++r) {
+        acc_t* e = s + r * n;
+        double L[3], l[3];
+        const Rebalance rb = row_rebalance(e, k_lo, rgs[r], &m[3 * r], P.strength, L, l);
+        if (!rgs[r].any()) {
+          lse_blk[r] = -std::numeric_limits<float>::infinity();
+          continue;  // the row is all zeros already
+        }
+        // A'_j = E_j exp(m_g + log r_g - lse) = E_j p'_g / l_g <= 1.
+        for (int g = 0; g < 3; ++g)
+          if (l[g] > 0)
+            range_scale(e, rgs[r].lo[g] - k_lo, rgs[r].hi[g] - k_lo,
+                        static_cast<acc_t>(std::exp(m[3 * r + g] + rb.log_r[g] - rb.lse)));
+        lse_blk[r] = static_cast<float>(rb.lse);
+        st_blk[2 * r] = static_cast<float>(std::exp(L[2] - rb.lse));
+        st_blk[2 * r + 1] = static_cast<float>(std::exp(L[1] - rb.lse));
+      }
+      Tensor o = out[b][h].narrow(0, i0, nr);
+      at::mm_out(o, S, v[b][hk].narrow(0, k_lo, n));
+    }
+  });
+}
+
+// --------------------------------------------------------------------------------- backward
+
+// Pass 1: dQ and the per-row scalars (shift_g, c~_g) for pass 2.
+template <typename acc_t>
+void backward_rows(const Problem& P, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                   Tensor& dq, acc_t* rows) {
+  const int64_t nqb = (P.Tq + kBlockQ - 1) / kBlockQ;
+  at::parallel_for(0, P.B * P.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / nqb, b = bh / P.H, h = bh % P.H, hk = h / P.G;
+      const int64_t i0 = (t % nqb) * kBlockQ, nr = std::min(kBlockQ, P.Tq - i0);
+      const int64_t k_lo = P.kv[b], n = P.Tk - P.Tq + i0 + nr - k_lo;
+      if (n <= 0) continue;  // dq stays 0; pass 2 never reads these rows
+      Tensor kb = k[b][hk].narrow(0, k_lo, n);
+      Tensor S = at::mm(q[b][h].narrow(0, i0, nr), kb.t());
+      Tensor dP = at::mm(dout[b][h].narrow(0, i0, nr), v[b][hk].narrow(0, k_lo, n).t());
+      acc_t* s = S.data_ptr<acc_t>();
+      acc_t* dp = dP.data_ptr<acc_t>();
+      std::vector<Ranges> rgs(nr);
+      std::vector<double> m(3 * nr);
+      for (int64_t r = 0; r < nr; ++r) {
+        rgs[r] = P.ranges(b, i0 + r);
+        shift_row(s + r * n, k_lo, n, rgs[r], static_cast<acc_t>(P.scale), &m[3 * r]);
+      }
+      S.exp_();
+      for (int64_t r = 0; r < nr; ++r) {
+        acc_t* e = s + r * n;
+        acc_t* g_row = dp + r * n;  // dP on entry, dS on exit
+        const Ranges& rg = rgs[r];
+        double L[3], l[3], D[3], pm[3], ct[3];
+        const Rebalance rb = row_rebalance(e, k_lo, rg, &m[3 * r], P.strength, L, l);
+        if (!rg.any()) {
+          std::fill(g_row, g_row + n, acc_t(0));
+          continue;
+        }
+        for (int g = 0; g < 3; ++g) {
+          const int64_t c0 = rg.lo[g] - k_lo, c1 = rg.hi[g] - k_lo;
+          D[g] = l[g] > 0 ? range_dot(e, g_row, c0, c1) / l[g] : 0.0;  // sum_j A_j dP_j / p_g
+          pm[g] = l[g] > 0 ? std::exp(L[g] + rb.log_r[g] - rb.lse) : 0.0;
+        }
+        backward_scalars(rb, D, pm, P.strength, ct);
+        acc_t* row_out = rows + ((b * P.H + h) * P.Tq + i0 + r) * kRowFields;
+        for (int g = 0; g < 3; ++g) {
+          row_out[g] = static_cast<acc_t>(rb.lse - rb.log_r[g]);
+          row_out[3 + g] = static_cast<acc_t>(ct[g]);
+          const int64_t c0 = rg.lo[g] - k_lo, c1 = rg.hi[g] - k_lo;
+          if (c1 <= c0) continue;
+          const acc_t coef = static_cast<acc_t>(std::exp(m[3 * r + g] + rb.log_r[g] - rb.lse));
+          const acc_t c = static_cast<acc_t>(ct[g]);
+#pragma omp simd
+          for (int64_t j = c0; j < c1; ++j) g_row[j] = e[j] * coef * (g_row[j] - c);  // dS = A'(dP - c~)
+        }
+        std::fill(g_row + std::max<int64_t>(rg.hi[2] - k_lo, 0), g_row + n, acc_t(0));
+      }
+      Tensor dq_blk = dq[b][h].narrow(0, i0, nr);
+      at::mm_out(dq_blk, dP, kb);
+      dq_blk.mul_(P.scale);
+    }
+  });
+}
+
+// Pass 2: dK and dV per key block, summed over the query heads of its kv head.
+template <typename acc_t>
+void backward_keys(const Problem& P, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                   Tensor& dk, Tensor& dv, const acc_t* rows) {
+  const int64_t nkb = (P.Tk + kBlockK - 1) / kBlockK;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, P.B * P.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bk = t / nkb, b = bk / P.Hkv, hk = bk % P.Hkv;
+      const int64_t j0 = std::max((t % nkb) * kBlockK, P.kv[b]), j1 = std::min((t % nkb + 1) * kBlockK, P.Tk);
+      if (j1 <= j0) continue;  // only padding keys: dk, dv stay 0
+      const int64_t nk = j1 - j0;
+      const int64_t i_lo = std::max<int64_t>(0, j0 - (P.Tk - P.Tq)), nq = P.Tq - i_lo;  // queries that reach j0
+      if (nq <= 0) continue;
+      Tensor kb = k[b][hk].narrow(0, j0, nk), vb = v[b][hk].narrow(0, j0, nk);
+      Tensor dk_blk = dk[b][hk].narrow(0, j0, nk), dv_blk = dv[b][hk].narrow(0, j0, nk);
+      for (int64_t h = hk * P.G; h < (hk + 1) * P.G; ++h) {
+        Tensor qh = q[b][h].narrow(0, i_lo, nq), doh = dout[b][h].narrow(0, i_lo, nq);
+        Tensor S = at::mm(qh, kb.t());   // (nq, nk), becomes A'
+        Tensor dP = at::mm(doh, vb.t());  // becomes dS
+        acc_t* s = S.data_ptr<acc_t>();
+        acc_t* dp = dP.data_ptr<acc_t>();
+        const acc_t scale = static_cast<acc_t>(P.scale);
+        for (int64_t r = 0; r < nq; ++r) {
+          const Ranges rg = P.ranges(b, i_lo + r);
+          const acc_t* row = rows + ((b * P.H + h) * P.Tq + i_lo + r) * kRowFields;
+          acc_t* x = s + r * nk;
+          int64_t done = 0;
+          for (int g = 0; g < 3; ++g) {
+            const int64_t c0 = std::max(rg.lo[g], j0) - j0, c1 = std::min(rg.hi[g], j1) - j0;
+            if (c1 <= c0) continue;
+            const acc_t shift = row[g];
+#pragma omp simd
+            for (int64_t c = c0; c < c1; ++c) x[c] = scale * x[c] - shift;
+            done = c1;
+          }
+          for (int64_t c = done; c < nk; ++c) x[c] = ninf;
+        }
+        S.exp_();
+        for (int64_t r = 0; r < nq; ++r) {
+          const Ranges rg = P.ranges(b, i_lo + r);
+          const acc_t* row = rows + ((b * P.H + h) * P.Tq + i_lo + r) * kRowFields;
+          const acc_t* a = s + r * nk;
+          acc_t* g_row = dp + r * nk;
+          int64_t done = 0;
+          for (int g = 0; g < 3; ++g) {
+            const int64_t c0 = std::max(rg.lo[g], j0) - j0, c1 = std::min(rg.hi[g], j1) - j0;
+            if (c1 <= c0) continue;
+            const acc_t c = row[3 + g];
+#pragma omp simd
+            for (int64_t j = c0; j < c1; ++j) g_row[j] = a[j] * (g_row[j] - c);
+            done = c1;
+          }
+          std::fill(g_row + done, g_row + nk, acc_t(0));
+        }
+        dv_blk.addmm_(S.t(), doh);
+        dk_blk.addmm_(dP.t(), qh, 1.0, P.scale);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ entry points
+
+Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seg_start,
+                      const Tensor& kv_start, double strength, int64_t num_sink, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "oeb_attention: q, k, v must be 4-d (B, H, T, d), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && seg_start.device().is_cpu() &&
+                  kv_start.device().is_cpu(),
+              "oeb_attention (CPU kernel): all tensors must be on the CPU");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "oeb_attention: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "oeb_attention: q must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.sizes() == v.sizes(), "oeb_attention: k and v must have the same shape, got ", k.sizes(), " and ",
+              v.sizes());
+  Problem P{};
+  P.B = q.size(0), P.H = q.size(1), P.Tq = q.size(2), P.d = q.size(3);
+  P.Hkv = k.size(1), P.Tk = k.size(2);
+  TORCH_CHECK(k.size(0) == P.B, "oeb_attention: k has batch ", k.size(0), " but q has batch ", P.B);
+  TORCH_CHECK(k.size(3) == P.d, "oeb_attention: k has head dim ", k.size(3), " but q has head dim ", P.d);
+  TORCH_CHECK(P.Hkv > 0 && P.H % P.Hkv == 0, "oeb_attention: query heads (", P.H,
+              ") must be a multiple of kv heads (", P.Hkv, ")");
+  TORCH_CHECK(P.Tq <= P.Tk, "oeb_attention: q has ", P.Tq, " tokens but k only ", P.Tk);
+  TORCH_CHECK(seg_start.scalar_type() == at::kLong && seg_start.dim() == 2 && seg_start.size(0) == P.B &&
+                  seg_start.size(1) == P.Tq,
+              "oeb_attention: seg_start must be int64 of shape (", P.B, ", ", P.Tq, "), got ",
+              seg_start.scalar_type(), " ", seg_start.sizes());
+  TORCH_CHECK(kv_start.scalar_type() == at::kLong && kv_start.dim() == 1 && kv_start.size(0) == P.B,
+              "oeb_attention: kv_start must be int64 of shape (", P.B, "), got ", kv_start.scalar_type(), " ",
+              kv_start.sizes());
+  TORCH_CHECK(strength >= 0.0 && strength <= 1.0, "oeb_attention: strength must be in [0, 1], got ", strength);
+  TORCH_CHECK(num_sink >= 0, "oeb_attention: num_sink must be >= 0, got ", num_sink);
+  TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "oeb_attention: scale must be a positive number, got ", scale);
+  P.G = P.H / P.Hkv;
+  P.strength = strength, P.scale = scale;
+  P.num_sink = std::min(num_sink, P.Tk);  // more sinks than keys is the same as all keys
+  return P;
+}
+
+// Validates the index values (the pointers stay valid while the contiguous tensors live).
+void check_indices(Problem& P, const Tensor& seg, const Tensor& kv) {
+  P.seg = seg.data_ptr<int64_t>();
+  P.kv = kv.data_ptr<int64_t>();
+  for (int64_t b = 0; b < P.B; ++b) {
+    TORCH_CHECK(P.kv[b] >= 0 && P.kv[b] <= P.Tk, "oeb_attention: kv_start[", b, "] = ", P.kv[b],
+                " is outside [0, ", P.Tk, "]");
+    for (int64_t i = 0; i < P.Tq; ++i) {
+      const int64_t s = P.seg[b * P.Tq + i];
+      TORCH_CHECK(s >= -1 && s <= P.Tk - P.Tq + i, "oeb_attention: seg_start[", b, ", ", i, "] = ", s,
+                  " must be -1 or a key position <= the query's own position ", P.Tk - P.Tq + i);
+    }
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The kernel's working copy of an input: accumulation dtype, contiguous, and detached, so
+// that the at:: calls inside (some on OpenMP worker threads, which do not inherit dispatch
+// guards) never see a tensor that requires grad when the op runs under autograd.
+Tensor working(const Tensor& x, at::ScalarType acc) { return x.detach().to(acc).contiguous(); }
+
+std::tuple<Tensor, Tensor, Tensor> oeb_attention_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                     const Tensor& seg_start, const Tensor& kv_start,
+                                                     double strength, int64_t num_sink, double scale) {
+  Problem P = check_problem(q_in, k_in, v_in, seg_start, kv_start, strength, num_sink, scale);
+  const Tensor seg = seg_start.contiguous(), kv = kv_start.contiguous();
+  check_indices(P, seg, kv);
+  const auto acc = acc_type(q_in.scalar_type());
+  const Tensor q = working(q_in, acc), k = working(k_in, acc), v = working(v_in, acc);
+  Tensor out = at::zeros({P.B, P.H, P.Tq, P.d}, q.options());
+  Tensor lse = at::empty({P.B, P.H, P.Tq}, q.options().dtype(at::kFloat));
+  Tensor stats = at::zeros({P.B, P.H, P.Tq, 2}, q.options().dtype(at::kFloat));
+  if (out.numel() > 0) {
+    if (acc == at::kDouble)
+      forward_impl<double>(P, q, k, v, out, lse.data_ptr<float>(), stats.data_ptr<float>());
+    else
+      forward_impl<float>(P, q, k, v, out, lse.data_ptr<float>(), stats.data_ptr<float>());
+  } else {
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
+  return {out.to(q_in.scalar_type()), lse, stats};
+}
+
+// lse and stats are part of the schema so a GPU backward can reuse them; this kernel checks
+// them and recomputes the per-group log-masses it needs (in the accumulation precision, and
+// exact where p_X underflows float), so it does not read their values.
+std::tuple<Tensor, Tensor, Tensor> oeb_attention_backward_cpu(const Tensor& grad_out, const Tensor& q_in,
+                                                              const Tensor& k_in, const Tensor& v_in,
+                                                              const Tensor& lse, const Tensor& stats,
+                                                              const Tensor& seg_start, const Tensor& kv_start,
+                                                              double strength, int64_t num_sink, double scale) {
+  Problem P = check_problem(q_in, k_in, v_in, seg_start, kv_start, strength, num_sink, scale);
+  TORCH_CHECK(grad_out.sizes() == q_in.sizes() && grad_out.scalar_type() == q_in.scalar_type() &&
+                  grad_out.device().is_cpu(),
+              "oeb_attention_backward: grad_out must be a CPU tensor of q's shape ", q_in.sizes(), " and dtype ",
+              q_in.scalar_type(), ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == P.B && lse.size(1) == P.H &&
+                  lse.size(2) == P.Tq,
+              "oeb_attention_backward: lse must be float32 of shape (", P.B, ", ", P.H, ", ", P.Tq, "), got ",
+              lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 4 && stats.size(0) == P.B &&
+                  stats.size(1) == P.H && stats.size(2) == P.Tq && stats.size(3) == 2,
+              "oeb_attention_backward: stats must be float32 of shape (", P.B, ", ", P.H, ", ", P.Tq, ", 2), got ",
+              stats.scalar_type(), " ", stats.sizes());
+  const Tensor seg = seg_start.contiguous(), kv = kv_start.contiguous();
+  check_indices(P, seg, kv);
+  const auto acc = acc_type(q_in.scalar_type());
+  const Tensor q = working(q_in, acc), k = working(k_in, acc), v = working(v_in, acc);
+  const Tensor dout = working(grad_out, acc);
+  Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  if (q.numel() > 0 && k.numel() > 0) {
+    Tensor rows = at::empty({P.B, P.H, P.Tq, kRowFields}, q.options());
+    if (acc == at::kDouble) {
+      backward_rows<double>(P, dout, q, k, v, dq, rows.data_ptr<double>());
+      backward_keys<double>(P, dout, q, k, v, dk, dv, rows.data_ptr<double>());
+    } else {
+      backward_rows<float>(P, dout, q, k, v, dq, rows.data_ptr<float>());
+      backward_keys<float>(P, dout, q, k, v, dk, dv, rows.data_ptr<float>());
+    }
+  }
+  return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stepflow, CPU, m) {
+  m.impl("oeb_attention", &oeb_attention_cpu);
+  m.impl("oeb_attention_backward", &oeb_attention_backward_cpu);
+}
+
+}  // namespace stepflow
