@@ -33,6 +33,8 @@ def batch(tok, with_trace=True):
 def materialized_saliency(model, ids, mask, seg, target="summary"):
     """The way without kernels: eager attention, output_attentions, retained gradients on A."""
     model.set_attn_implementation("eager")
+    for p in model.parameters():
+        p.requires_grad_(False)
     try:
         targets = sf.saliency.target_mask(seg, target)
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -47,8 +49,10 @@ def materialized_saliency(model, ids, mask, seg, target="summary"):
             valid = seg.seg_ids >= 0
             sal = sal * (valid[:, :, None] & valid[:, None, :]) * torch.tril(torch.ones_like(sal[0]))
             maps.append(reference.pool_to_segments(sal, seg.seg_ids, seg.num_segments))
-        return torch.stack(maps, 1)
+        return torch.stack(maps, 1).detach()
     finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
         model.set_attn_implementation("sdpa")
 
 
