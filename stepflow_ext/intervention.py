@@ -12,7 +12,7 @@ import torch
 
 from . import hf, ops
 from .config import StepFlowConfig
-from .segment import Segmentation, StepTracker
+from .segment import Segmentation, StepTracker, segment
 
 
 def _cache_length(kwargs) -> int:
@@ -78,11 +78,24 @@ class StepFlowHandle:
             raise ValueError(f"segmentation must be a stepflow_ext.Segmentation or None, got {type(segmentation).__name__}")
         self._forced = segmentation
 
-    def segmentation(self) -> Segmentation:
-        """The segmentation tracked so far for the current sequence (prompt and generated tokens)."""
+    def segmentation(self, sequences: torch.Tensor | None = None) -> Segmentation:
+        """The segmentation of the current sequence.
+
+        Without arguments: the tokens the model has seen so far. `generate` never feeds its last
+        token back, so pass its output (`sequences`, B x L) to get the segmentation of all of it:
+        the same rule placed offline, which by construction agrees with the online placement.
+        """
         if self.tracker is None or self.tracker.length == 0:
             raise ValueError("nothing tracked yet: replace_attention needs a tokenizer (or id sets) and a forward call")
-        return self.tracker.segmentation()
+        if sequences is None:
+            return self.tracker.segmentation()
+        if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.dtype != torch.long \
+                or sequences.shape[0] != self.tracker.batch_size or sequences.shape[1] < self.tracker.length:
+            raise ValueError(f"sequences must be a LongTensor ({self.tracker.batch_size}, >= {self.tracker.length}) "
+                             "holding the tracked tokens and any that follow")
+        kv_start = self.tracker.kv_start()
+        mask = (torch.arange(sequences.shape[1])[None, :] >= kv_start[:, None]).long()
+        return segment(sequences.cpu(), self._prompt_lengths, attention_mask=mask, **self._rule_options)
 
     def restore(self) -> None:
         """Put the model back to stock: its own attention everywhere, no hooks."""
@@ -132,6 +145,7 @@ class StepFlowHandle:
             if mask is not None and not left_padded and bool((mask[:, -1] == 0).any()):
                 raise ValueError("online tracking needs left padding (the prompt's last token must be real)")
             seg_ids = self.tracker.start(input_ids, mask)
+            self._prompt_lengths = (seg_ids >= 0).sum(dim=1).tolist()
             seg_start = torch.full_like(seg_ids, -1)
             self._smi_state = {}
         else:
@@ -213,6 +227,9 @@ def replace_attention(model, config: StepFlowConfig | None = None, tokenizer=Non
                               think_end_token_ids=think_end_token_ids, step_delimiter=step_delimiter,
                               think_end=think_end)
     handle = StepFlowHandle(model, config, tracker)
+    handle._rule_options = dict(tokenizer=tokenizer, boundary_token_ids=boundary_token_ids,
+                                think_end_token_ids=think_end_token_ids, step_delimiter=step_delimiter,
+                                think_end=think_end)
     handle._token = hf.Installed.on(model).push(handle._attention)
     # On the base model, so that generate(), model(...) and step_saliency's direct call all pass here.
     handle._hooks.append(model.base_model.register_forward_pre_hook(handle._before_forward, with_kwargs=True))

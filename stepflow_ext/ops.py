@@ -167,7 +167,7 @@ def oeb_attention(q, k, v, seg_start, kv_start, strength, num_sink=1, scale=None
     seg_start: (B, Tq) int64, key position where query i's segment starts, -1 for queries
     that are not rebalanced (question tokens, padding). kv_start: (B,) first valid key (left
     padding). out has q's dtype; lse (B, H, Tq) and stats (B, H, Tq, 2) = (p_C, p_X) are fp32.
-    Differentiable in q, k, v through `out` (docs/method_oeb_backward.md); lse and stats are
+    Differentiable in q, k, v through `out` (docs/method.md section 3.1); lse and stats are
     diagnostics taken before rebalancing and are not differentiable.
     """
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:

@@ -245,8 +245,10 @@ def test_generate_with_stepflow_batch_of_two():
                               tokenizer=tok) as handle:
         greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                 pad_token_id=tok.pad_token_id)
-        seg = handle.segmentation()
-        assert seg.seg_ids.shape == greedy.shape
+        seen = handle.segmentation()
+        seg = handle.segmentation(greedy)  # generate never feeds its last token back to the model
+        assert seg.seg_ids.shape == greedy.shape and seen.seg_ids.shape[1] == greedy.shape[1] - 1
+        assert torch.equal(seg.seg_ids[:, :-1], seen.seg_ids)
         torch.manual_seed(0)
         sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
                                  temperature=0.8, pad_token_id=tok.pad_token_id)

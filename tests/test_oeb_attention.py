@@ -1,7 +1,7 @@
 """stepflow::oeb_attention (CPU) against the float64 reference of design.md 2.3.
 
 The reference materializes A and rebalances it literally; its autograd is the oracle for the
-backward (docs/method_oeb_backward.md). Inputs are fresh random tensors per run (`seed`).
+backward (docs/method.md section 3.1). Inputs are fresh random tensors per run (`seed`).
 """
 from __future__ import annotations
 

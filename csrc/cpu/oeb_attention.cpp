@@ -1,4 +1,4 @@
-// Odds-Equal Bridge attention on the CPU (design.md 2.3; backward: docs/method_oeb_backward.md).
+// Odds-Equal Bridge attention on the CPU (design.md 2.3; backward: docs/method.md section 3.1).
 //
 // For one query row the allowed keys [kv, end) split into three contiguous ranges:
 //   group 0 = [kv, a)   keys that are never rescaled (the sinks; every key when the row is
@@ -85,7 +85,7 @@ inline Rebalance rebalance(const double L[3], double strength) {
   return rb;
 }
 
-// c~_g = c_g / r_g (docs/method_oeb_backward.md) from the group means D_g of dO.v under A
+// c~_g = c_g / r_g (docs/method.md section 3.1) from the group means D_g of dO.v under A
 // and the rebalanced masses pm_g = p'_g. Bounded even where r_X is huge.
 inline void backward_scalars(const Rebalance& rb, const double D[3], const double pm[3], double strength,
                              double ct[3]) {
