@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def segment_labels(kinds: list[str]) -> list[str]:
@@ -63,6 +64,7 @@ def plot_result(result, path, row: int = 0):
     ax.plot(xs, diag["summary_thinking_share"], marker="s", label="summary → thinking share")
     ax.plot(xs, diag["summary_recent_share"], marker="^", label="summary → recent share")
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     verdict = (f"Shallow Lock-in: {diag['shallow_lock_in']}   Deep Decay: {diag['deep_decay']}")
