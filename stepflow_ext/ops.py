@@ -93,12 +93,22 @@ def _check_seg_ids(name, seg_ids, batch, length, num_segments=None):
 # --------------------------------------------------------------------------- step_saliency_pool
 
 
-def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None):
+def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None,
+                       oeb_seg_start=None, oeb_strength=0.0, oeb_num_sink=1):
     """The raw step map M[b, a, c] of design.md 2.2 for one layer, fp32 (B, S, S).
 
     q, grad_out: (B, H, T, d); k, v: (B, H_kv, T, d); seg_ids: (B, T) int64, -1 on padding.
     lse (optional, (B, H, T) fp32): the log-sum-exp of scale * q.k over each query's causal
     valid keys, as attention forward kernels return it; given, it saves one pass over the keys.
+
+    OEB (optional, for a layer where the Odds-Equal Bridge of design.md 2.3 is active): the
+    saliency is measured on the rebalanced attention A' the layer really used,
+    I_ij = |sum_h A'^h_ij dO^h_i . v_j|. oeb_seg_start (B, T) int64 holds, for each query, the
+    key position where its segment starts, or -1 for queries that are not rebalanced (the
+    seg_start input of oeb_attention for a prefill: reference.seg_start_from_seg_ids).
+    oeb_strength is lambda in [0, 1], oeb_num_sink the number of sink keys counted from each
+    row's first valid token (its OEB kv_start). lse, if given, is still the log-sum-exp before
+    the rebalance (the lse oeb_attention returns). Without oeb_seg_start the OEB args are unused.
     """
     _check_attention_shapes(q, k, v)
     _check_tensor("grad_out", grad_out, 4)
@@ -108,7 +118,8 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
         raise ValueError(f"k has {k.shape[2]} tokens but q has {q.shape[2]}: step_saliency_pool needs Tq == Tk")
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
         raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
-    _check_seg_ids("seg_ids", seg_ids, q.shape[0], q.shape[2], num_segments)
+    b, _, t, _ = q.shape
+    _check_seg_ids("seg_ids", seg_ids, b, t, num_segments)
     scale = _check_scale(scale)
     if head_reduction not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduction must be one of {HEAD_REDUCTIONS}, got {head_reduction!r}")
@@ -116,13 +127,28 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
         _check_tensor("lse", lse, 3, dtypes=(torch.float32,))
         if tuple(lse.shape) != tuple(q.shape[:3]):
             raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    _check_device("step_saliency_pool", "q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse)
+    oeb_strength = _check_scalar_range("oeb_strength", oeb_strength, 0.0, 1.0)
+    if isinstance(oeb_num_sink, bool) or not isinstance(oeb_num_sink, int) or oeb_num_sink < 0:
+        raise ValueError(f"oeb_num_sink must be a non-negative int, got {oeb_num_sink!r}")
+    if oeb_seg_start is not None:
+        _check_tensor("oeb_seg_start", oeb_seg_start, 2, dtypes=(torch.int64, torch.int32))
+        if tuple(oeb_seg_start.shape) != (b, t):
+            raise ValueError(f"oeb_seg_start must have shape ({b}, {t}), got {tuple(oeb_seg_start.shape)}")
+        if oeb_seg_start.numel() and oeb_seg_start.device.type != "meta":
+            qpos = torch.arange(t, device=oeb_seg_start.device)
+            if bool(((oeb_seg_start < -1) | (oeb_seg_start > qpos)).any()):
+                raise ValueError("oeb_seg_start must be -1 (not rebalanced) or a key position in [0, i] "
+                                 "for query i")
+        oeb_seg_start = oeb_seg_start.long()
+    _check_device("step_saliency_pool", "q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse,
+                  oeb_seg_start=oeb_seg_start)
     return torch.ops.stepflow.step_saliency_pool(q, k, v, grad_out, seg_ids.long(), num_segments, scale,
-                                                 head_reduction, lse)
+                                                 head_reduction, lse, oeb_seg_start, oeb_strength, oeb_num_sink)
 
 
 @torch.library.register_fake("stepflow::step_saliency_pool")
-def _(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None):
+def _(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None,
+      oeb_seg_start=None, oeb_strength=0.0, oeb_num_sink=1):
     return q.new_empty((q.shape[0], num_segments, num_segments), dtype=torch.float32)
 
 

@@ -48,15 +48,25 @@ def attention_probs(q, k, scale, allowed):
 # --------------------------------------------------------------------------- 2.2 saliency
 
 
-def token_saliency(q, k, v, grad_out, seg_ids, scale, head_reduction="sum_abs"):
+def token_saliency(q, k, v, grad_out, seg_ids, scale, head_reduction="sum_abs", *,
+                   oeb_seg_start=None, oeb_strength=0.0, oeb_num_sink=1):
     """I[b, i, j] of design.md 2.2 for one layer, materialized (B, T, T).
 
     dL/dA[h, i, j] = dO[h, i] . v[g(h), j], so A * dL/dA needs no autograd through softmax.
     Rows and columns of padding tokens (seg id -1) are zero.
+
+    With oeb_seg_start (B, T) (a layer where OEB is active, design.md 2.3), the layer's output is
+    o_i = sum_j A'_ij v_j, so A' takes A's place: I_ij = |sum_h A'[h, i, j] dO[h, i] . v[g(h), j]|.
+    The OEB kv_start of a row is its first valid token.
     """
     valid = seg_ids >= 0
     allowed = causal_valid_mask(valid, q.shape[2])
     a = attention_probs(q, k, scale, allowed)
+    if oeb_seg_start is not None:
+        t = q.shape[2]
+        kv_start = torch.where(valid.any(dim=1), valid.to(torch.int8).argmax(dim=1), t)
+        _, _, current, context = oeb_groups(oeb_seg_start, kv_start, t, t, oeb_num_sink)
+        a, _, _ = oeb_rebalance(a, current, context, oeb_strength)
     grad_a = torch.einsum("bhid,bhjd->bhij", grad_out, _expand_kv(v, q.shape[1]))
     per_head = a * grad_a
     if head_reduction == "sum_abs":
@@ -77,9 +87,11 @@ def pool_to_segments(token_map, seg_ids, num_segments):
     return torch.einsum("bia,bij,bjc->bac", onehot, token_map, onehot)
 
 
-def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs"):
-    """The raw step map M^l of design.md 2.2 for one layer: (B, S, S)."""
-    sal = token_saliency(q, k, v, grad_out, seg_ids, scale, head_reduction)
+def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", *,
+                       oeb_seg_start=None, oeb_strength=0.0, oeb_num_sink=1):
+    """The raw step map M^l of design.md 2.2 for one layer: (B, S, S); OEB args as token_saliency."""
+    sal = token_saliency(q, k, v, grad_out, seg_ids, scale, head_reduction, oeb_seg_start=oeb_seg_start,
+                         oeb_strength=oeb_strength, oeb_num_sink=oeb_num_sink)
     return pool_to_segments(sal, seg_ids, num_segments)
 
 

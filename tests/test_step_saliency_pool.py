@@ -10,6 +10,10 @@ the sum_abs value (which may cancel). So each bin is checked as
 with tolerances(float32) for bf16/fp16 inputs too: the looser bf16/fp16 tolerances would
 only hide kernel bugs, since no half-precision arithmetic happens in the kernel.
 Bins without any causal pair (c after a, padding, unused segment ids) must be exactly 0.
+
+OEB variant (oeb_seg_start / oeb_strength / oeb_num_sink): the same check with A' in place of
+A on both sides (mag is the abs_sum map of A'); the factors r_C, r_X come from fp32 sums of
+positive terms, so they carry fp32-level relative error only.
 """
 from __future__ import annotations
 
@@ -45,10 +49,12 @@ def reference_lse(q, k, seg_ids, scale):
     return torch.logsumexp(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1).float()
 
 
-def reference_maps(q, k, v, dout, seg_ids, num_segments, scale, head_reduction):
+def reference_maps(q, k, v, dout, seg_ids, num_segments, scale, head_reduction, **oeb):
+    """The float64 map and its abs_sum magnitude (the error scale of each bin); oeb: the
+    oeb_seg_start / oeb_strength / oeb_num_sink keywords, if any."""
     args = [x.double() for x in (q, k, v, dout)]
-    expected = ref.step_saliency_pool(*args, seg_ids, num_segments, scale, head_reduction)
-    mag = ref.step_saliency_pool(*args, seg_ids, num_segments, scale, "abs_sum")
+    expected = ref.step_saliency_pool(*args, seg_ids, num_segments, scale, head_reduction, **oeb)
+    mag = ref.step_saliency_pool(*args, seg_ids, num_segments, scale, "abs_sum", **oeb)
     return expected, mag
 
 
@@ -68,10 +74,10 @@ def assert_map_close(got, expected, mag, seg_ids, num_segments, fp64_kernel):
     assert bool((got[empty] == 0).all()), "bins without causal pairs must be exactly 0"
 
 
-def check(q, k, v, dout, seg_ids, num_segments, scale, head_reduction, with_lse):
-    expected, mag = reference_maps(q, k, v, dout, seg_ids, num_segments, scale, head_reduction)
+def check(q, k, v, dout, seg_ids, num_segments, scale, head_reduction, with_lse, **oeb):
+    expected, mag = reference_maps(q, k, v, dout, seg_ids, num_segments, scale, head_reduction, **oeb)
     lse = reference_lse(q, k, seg_ids, scale) if with_lse else None
-    got = ops.step_saliency_pool(q, k, v, dout, seg_ids, num_segments, scale, head_reduction, lse=lse)
+    got = ops.step_saliency_pool(q, k, v, dout, seg_ids, num_segments, scale, head_reduction, lse=lse, **oeb)
     assert_map_close(got, expected, mag, seg_ids, num_segments, q.dtype == torch.float64 and lse is None)
     assert float(expected.abs().max()) > 0  # the case is not vacuous
     return got
@@ -167,13 +173,158 @@ def test_opcheck(seed, head_reduction, with_lse):
     torch.library.opcheck(op.default, (q, k, v, dout, seg_ids, s, scale, head_reduction, lse))
 
 
+# --------------------------------------------------------------------------- OEB (design.md 2.3)
+# In an OEB layer the saliency is measured on the rebalanced A' (oeb_seg_start and friends).
+
+
+def oeb_inputs(b, h, h_kv, t, d, dtype=torch.float32, pad="left"):
+    """make_inputs plus the prefill seg_start of oeb_attention (-1 on question tokens and
+    padding). With left padding some row is made to start late (kv_start > 0)."""
+    while True:
+        seg_ids, kinds, _ = random_seg_ids(b, t, max_segments=6, pad=pad)
+        if pad != "left" or b == 1 or t == 1 or bool((seg_ids[:, 0] < 0).any()):
+            break
+    args = make_inputs(b, h, h_kv, t, d, dtype=dtype, seg_ids=seg_ids)
+    return args, ref.seg_start_from_seg_ids(seg_ids, kinds)
+
+
+def check_oeb(b, h, h_kv, t, d, pad, head_reduction, with_lse, strength, num_sink, dtype=torch.float32):
+    args, seg_start = oeb_inputs(b, h, h_kv, t, d, dtype=dtype, pad=pad)
+    return check(*args, head_reduction, with_lse, oeb_seg_start=seg_start, oeb_strength=strength,
+                 oeb_num_sink=num_sink)
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["no_lse", "lse"])
+@pytest.mark.parametrize("head_reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_sink", [0, 1, 3], ids=lambda n: f"sink{n}")
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.0], ids=lambda s: f"lam{s}")
+def test_oeb_matches_reference_strengths(seed, strength, num_sink, head_reduction, with_lse):
+    """GQA, 3 rows of different lengths padded left (kv_start > 0), several query blocks."""
+    check_oeb(3, 6, 2, 83, 16, "left", head_reduction, with_lse, strength, num_sink)
+
+
+@pytest.mark.parametrize("head_reduction", REDUCTIONS)
+@pytest.mark.parametrize("b,h,h_kv,t,d,pad", SHAPES)
+def test_oeb_matches_reference_shapes(seed, b, h, h_kv, t, d, pad, head_reduction):
+    """With lse (its path needs P masked on padding for the OEB masses); without: test above."""
+    check_oeb(b, h, h_kv, t, d, pad, head_reduction, True, strength=0.7, num_sink=2)
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["no_lse", "lse"])
+@pytest.mark.parametrize("head_reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_oeb_matches_reference_dtypes(seed, dtype, head_reduction, with_lse):
+    check_oeb(2, 6, 2, 97, 16, "left", head_reduction, with_lse, strength=1.0, num_sink=1, dtype=dtype)
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["no_lse", "lse"])
+@pytest.mark.parametrize("case", sorted(SPECIAL_SEG_IDS))
+def test_oeb_arbitrary_seg_start(seed, case, with_lse):
+    """Any seg_start in {-1} u [0, i] is valid: before kv_start, inside the sinks, on padding
+    queries, with padding inside the row (P must be 0 on those keys in the OEB masses)."""
+    seg_ids = torch.tensor(SPECIAL_SEG_IDS[case], dtype=torch.long)
+    b, t = seg_ids.shape
+    seg_start = (torch.rand(b, t) * (torch.arange(t) + 2)).long() - 1  # uniform in [-1, i]
+    args = make_inputs(b, 4, 2, t, 8, seg_ids=seg_ids)
+    for reduction in REDUCTIONS:
+        check(*args, reduction, with_lse, oeb_seg_start=seg_start, oeb_strength=0.8, oeb_num_sink=2)
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["no_lse", "lse"])
+@pytest.mark.parametrize("strength", [0.5, 1.0], ids=lambda s: f"lam{s}")
+def test_oeb_large_score_gaps(seed, strength, with_lse):
+    """Score gaps far beyond fp32 exp's range (~87): whole groups underflow to 0 in the fp32
+    strip while the rebalance lifts them (to half the mass at lambda = 1). The kernel must
+    recompute those rows exactly; the float64 reference resolves them."""
+    args, seg_start = oeb_inputs(2, 4, 2, 100, 16)
+    q, k, v, dout, seg_ids, s, scale = args
+    q = 40 * q  # scores of std ~80
+    a = ref.attention_probs(q.double(), k.double(), scale, ref.causal_valid_mask(seg_ids >= 0, q.shape[2]))
+    valid = seg_ids >= 0
+    kv_start = torch.where(valid.any(1), valid.int().argmax(1), seg_ids.shape[1])
+    _, _, current, context = ref.oeb_groups(seg_start, kv_start, 100, 100, 1)
+    p_c, p_x = (a * current[:, None]).sum(-1), (a * context[:, None]).sum(-1)
+    assert bool(((p_x > 0) & (p_x < 1e-30) & (p_c > p_x)).any())  # the case is not vacuous
+    for reduction in REDUCTIONS:
+        check(q, k, v, dout, seg_ids, s, scale, reduction, with_lse, oeb_seg_start=seg_start,
+              oeb_strength=strength, oeb_num_sink=1)
+
+
+def oeb_vs_plain(strength, num_sink=1, with_lse=False, head_reduction="sum_abs"):
+    args, seg_start = oeb_inputs(2, 6, 2, 120, 16)
+    q, k, v, dout, seg_ids, s, scale = args
+    lse = reference_lse(q, k, seg_ids, scale) if with_lse else None
+    plain = ops.step_saliency_pool(*args, head_reduction, lse=lse)
+    bridged = ops.step_saliency_pool(*args, head_reduction, lse=lse, oeb_seg_start=seg_start,
+                                     oeb_strength=strength, oeb_num_sink=num_sink)
+    return plain, bridged, args, seg_start
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["no_lse", "lse"])
+@pytest.mark.parametrize("head_reduction", REDUCTIONS)
+def test_oeb_strength_zero_is_plain(seed, head_reduction, with_lse):
+    """lambda = 0 is the identity: r = 1 up to rounding of o^1 in float64."""
+    plain, bridged, _, _ = oeb_vs_plain(0.0, num_sink=3, with_lse=with_lse, head_reduction=head_reduction)
+    torch.testing.assert_close(bridged, plain, atol=1e-6 * float(plain.abs().max()), rtol=1e-6)
+
+
+def test_oeb_changes_the_map(seed):
+    """At lambda = 1 the rebalance moves saliency a lot (far beyond the tolerance), and the op
+    follows the reference there: a kernel that ignored the OEB args would fail here.
+    Fixed layout: a question, three steps of 30 tokens and a summary (rows 1.. are rebalanced)."""
+    lengths, kinds = [16, 30, 30, 30, 14], [ref.QUESTION, ref.STEP, ref.STEP, ref.STEP, ref.SUMMARY]
+    seg_ids = torch.tensor([[s for s, n in enumerate(lengths) for _ in range(n)]])
+    seg_start = ref.seg_start_from_seg_ids(seg_ids, torch.tensor([kinds]))
+    args = make_inputs(1, 6, 2, seg_ids.shape[1], 16, seg_ids=seg_ids)
+    plain = ops.step_saliency_pool(*args)
+    bridged = ops.step_saliency_pool(*args, oeb_seg_start=seg_start, oeb_strength=1.0, oeb_num_sink=1)
+    expected, mag = reference_maps(*args, "sum_abs", oeb_seg_start=seg_start, oeb_strength=1.0, oeb_num_sink=1)
+    assert_map_close(bridged, expected, mag, seg_ids, args[5], fp64_kernel=False)
+    atol, rtol = tolerances(torch.float32)
+    bound = rtol * mag + atol * mag.max()
+    moved = (bridged.double() - plain.double()).abs()
+    assert float(moved.max()) > 0.02 * float(mag[:, 1:].max())  # 2% of the largest rebalanced bin ...
+    assert float((moved - 100 * bound).max()) > 0                # ... and 100x the tolerance somewhere
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0], ids=lambda s: f"lam{s}")
+def test_oeb_consistent_with_oeb_attention(seed, strength):
+    """Independent of reference.token_saliency: with v, dO > 0 every term A'_ij dO_i.v_j is
+    positive, so both reductions equal the plain sum, and a row of the map sums to
+    sum_{i in a} sum_h dO_i . o_i with o = reference.oeb_attention's output (o_i = sum_j A'_ij v_j)."""
+    args, seg_start = oeb_inputs(2, 6, 2, 90, 16)
+    q, k, v, dout, seg_ids, s, scale = args
+    v, dout = v.abs(), dout.abs()
+    valid = seg_ids >= 0
+    kv_start = torch.where(valid.any(1), valid.int().argmax(1), seg_ids.shape[1])
+    out, _, _ = ref.oeb_attention(q.double(), k.double(), v.double(), seg_start, kv_start, strength, 2, scale)
+    per_query = (dout.double() * out).sum(dim=(1, 3)) * valid  # (B, T)
+    expected = torch.zeros(2, s, dtype=torch.float64)
+    expected.index_put_((torch.arange(2)[:, None].expand_as(seg_ids)[valid], seg_ids[valid]), per_query[valid],
+                        accumulate=True)
+    for reduction in REDUCTIONS:
+        got = ops.step_saliency_pool(q, k, v, dout, seg_ids, s, scale, reduction, oeb_seg_start=seg_start,
+                                     oeb_strength=strength, oeb_num_sink=2)
+        torch.testing.assert_close(got.double().sum(-1), expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["no_lse", "lse"])
+@pytest.mark.parametrize("head_reduction", REDUCTIONS)
+def test_opcheck_oeb(seed, head_reduction, with_lse):
+    args, seg_start = oeb_inputs(2, 4, 2, 23, 8, pad="left")
+    q, k, v, dout, seg_ids, s, scale = args
+    lse = reference_lse(q, k, seg_ids, scale) if with_lse else None
+    torch.library.opcheck(op.default, (*args, head_reduction, lse, seg_start, 0.5, 1))
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
 def good_args():
     q, k, v, dout, seg_ids, s, scale = make_inputs(1, 4, 2, 10, 8, seg_ids=torch.zeros(1, 10, dtype=torch.long))
     return dict(q=q, k=k, v=v, grad_out=dout, seg_ids=seg_ids, num_segments=s, scale=scale,
-                head_reduction="sum_abs", lse=torch.zeros(1, 4, 10))
+                head_reduction="sum_abs", lse=torch.zeros(1, 4, 10),
+                oeb_seg_start=torch.tensor([[-1, -1, 2, 2, 2, 5, 5, -1, 8, 8]]), oeb_strength=0.5, oeb_num_sink=1)
 
 
 def bad_cases():
@@ -195,6 +346,14 @@ def bad_cases():
         ("head_reduction", lambda a: a.update(head_reduction="max"), "head_reduction"),
         ("lse-shape", lambda a: a.update(lse=a["lse"][:, :2]), "lse must have shape"),
         ("lse-dtype", lambda a: a.update(lse=a["lse"].double()), "lse must have dtype"),
+        ("oeb-shape", lambda a: a.update(oeb_seg_start=a["oeb_seg_start"][:, :9]), "oeb_seg_start must have shape"),
+        ("oeb-dtype", lambda a: a.update(oeb_seg_start=a["oeb_seg_start"].float()), "oeb_seg_start must"),
+        ("oeb-after-query", lambda a: a["oeb_seg_start"].__setitem__((0, 3), 4), "oeb_seg_start must be -1"),
+        ("oeb-below-minus-1", lambda a: a["oeb_seg_start"].__setitem__((0, 0), -2), "oeb_seg_start must be -1"),
+        ("oeb_strength-big", lambda a: a.update(oeb_strength=1.5), "oeb_strength must be in"),
+        ("oeb_strength-neg", lambda a: a.update(oeb_strength=-0.1), "oeb_strength must be in"),
+        ("oeb_strength-nan", lambda a: a.update(oeb_strength=float("nan")), "oeb_strength must be in"),
+        ("oeb_num_sink-neg", lambda a: a.update(oeb_num_sink=-1), "oeb_num_sink must be"),
     ]
 
 
@@ -216,6 +375,10 @@ DIRECT_BAD = {
     "seg-float": "seg_ids must be int64", "seg-shape": "seg_ids must have shape", "num_segments-0": "num_segments",
     "scale-0": "scale", "head_reduction": "head_reduction", "lse-shape": "lse must have shape",
     "lse-dtype": "lse must be float32",
+    "oeb-shape": "oeb_seg_start must have shape", "oeb-dtype": "oeb_seg_start must be int64",
+    "oeb-after-query": "got 4 for query 3", "oeb-below-minus-1": "got -2 for query 0",
+    "oeb_strength-big": "oeb_strength must be in", "oeb_strength-neg": "oeb_strength must be in",
+    "oeb_strength-nan": "oeb_strength must be in", "oeb_num_sink-neg": "oeb_num_sink must be >= 0",
 }
 
 

@@ -10,6 +10,13 @@
 // then |acc| is binned by (segment of the query, segment of the key) into the worker's own
 // S x S map. Memory is O(block_q * T) per worker: no T x T (let alone H x T x T) buffer exists.
 // Without lse the row max / sum come from the strip itself (it is whole in memory).
+//
+// Odds-Equal Bridge (design.md 2.3), optional: in a layer where OEB is active the output is
+// o_i = sum_j A'_ij v_j, so the saliency is measured on A' (I_ij uses A'^h_ij). A'_ij = A_ij r_g
+// with one factor per (row, head) and key group g: sinks (r = 1), X = earlier context, C =
+// current step. The groups are contiguous key ranges of the row, so the kernel sums P over the
+// X and C ranges of the strip it already holds, derives r_X, r_C, and folds the three ranges
+// into acc with their factors: two range sums per row and head, no extra GEMM.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,6 +25,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "stepflow.h"
@@ -86,12 +94,90 @@ RowLayout row_layout(const int64_t* seg, int64_t t) {
   return r;
 }
 
+// Keys of a strip row (strip position c = key lo + c) in [from, to): acc += f * P * G, or
+// acc += |f * P * G| (abs_sum). f folds the softmax normalization and the OEB group factor.
+template <bool SumAbs, typename T>
+inline void fold(T* acc, const T* p, const T* g, int64_t from, int64_t to, T f) {
+  for (int64_t c = from; c < to; ++c) {
+    if constexpr (SumAbs) {
+      acc[c] += f * p[c] * g[c];
+    } else {
+      acc[c] += std::abs(f * p[c] * g[c]);
+    }
+  }
+}
+
+// OEB arguments: seg_start (B, T) int64 contiguous, undefined when OEB is off.
+struct Oeb {
+  const int64_t* seg_start = nullptr;
+  double strength = 0;
+  int64_t num_sink = 1;
+};
+
+// The OEB factors (r_C, r_X) of one row from its group masses p_C, p_X (design.md 2.3). The
+// rebalance is homogeneous of degree 0 in (p_C, p_X), so unnormalized masses give the same r.
+inline std::pair<double, double> oeb_factors(double p_c, double p_x, double strength) {
+  if (!(p_x > 0 && p_c > p_x)) return {1.0, 1.0};  // not locked in: A' = A
+  const double odds = p_c / p_x, new_odds = std::pow(odds, 1.0 - strength), mass = p_c + p_x;
+  const double new_pc = mass * new_odds / (1 + new_odds), new_px = mass / (1 + new_odds);
+  return {new_pc / p_c, new_px / p_x};
+}
+
+inline double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
+
+// Strip rows hold P <= 1 (exp(s - lse) or exp(s - rowmax)). Entries below T's smallest normal
+// number have underflowed; a group whose strip mass is below min * 2^40 may have lost up to
+// n * 2^-40 of it, or all of it. The rebalance would then amplify that error (r_X = M'/p_X is
+// up to M / (2 p_X) at strength 1), so such rows take the exact path below.
+template <typename T>
+constexpr double kUnderflowGuard = std::numeric_limits<T>::min() * 1099511627776.0;  // 2^40
+
+// Exact A' on the X keys [xs, cs) and C keys [cs, n) of one strip row, written over the row
+// (sinks untouched). For rows with score gaps beyond exp's range (~87 in fp32): recompute
+// their scores s_j = scale q.k_j and exponentiate each group with its own max, in the log
+// domain: log p_g = m_g + log Z_g - log_norm with Z_g = sum_j exp(s_j - m_g), then
+// A'_j = exp(s_j - (m_g + log Z_g - log p'_g)). log_norm: the row's log-sum-exp.
+template <typename T>
+void oeb_row_exact(T* p, const T* q, const T* k, const int64_t* key_seg, int64_t d, double scale, int64_t xs,
+                   int64_t cs, int64_t n, double log_norm, double strength) {
+  constexpr double ninf = -std::numeric_limits<double>::infinity();
+  for (int64_t j = xs; j < n; ++j) {
+    T dot = 0;
+    for (int64_t c = 0; c < d; ++c) dot += q[c] * k[j * d + c];
+    p[j] = key_seg[j] < 0 ? static_cast<T>(ninf) : static_cast<T>(scale * dot);  // padding keys: A = 0
+  }
+  // (m_g, log Z_g) of keys [a, e); m = -inf for an empty or all-padding group.
+  auto stats = [&](int64_t a, int64_t e) {
+    double m = ninf, z = 0;
+    for (int64_t j = a; j < e; ++j) m = std::max(m, static_cast<double>(p[j]));
+    if (m == ninf) return std::pair<double, double>{ninf, 0.0};
+    for (int64_t j = a; j < e; ++j) z += std::exp(p[j] - m);
+    return std::pair<double, double>{m, std::log(z)};
+  };
+  const auto [m_x, lz_x] = stats(xs, cs);
+  const auto [m_c, lz_c] = stats(cs, n);
+  const double lp_x = m_x + lz_x - log_norm, lp_c = m_c + lz_c - log_norm;  // -inf when empty
+  double new_lp_x = lp_x, new_lp_c = lp_c;
+  if (lp_x > ninf && lp_c > lp_x) {  // locked in
+    const double new_log_odds = (1.0 - strength) * (lp_c - lp_x);
+    const double log_mass = lp_c + std::log1p(std::exp(lp_x - lp_c));
+    new_lp_c = log_mass - softplus(-new_log_odds);  // M o' / (1 + o')
+    new_lp_x = log_mass - softplus(new_log_odds);   // M / (1 + o')
+  }
+  auto write = [&](int64_t a, int64_t e, double m, double shift) {
+    for (int64_t j = a; j < e; ++j) p[j] = m == ninf ? T(0) : static_cast<T>(std::exp(p[j] - shift));
+  };
+  write(xs, cs, m_x, m_x + lz_x - new_lp_x);
+  write(cs, n, m_c, m_c + lz_c - new_lp_c);
+}
+
 // T is the compute type: float (fp32/fp16/bf16 inputs, converted once) or double (fp64).
 // Returns the (B, S, S) map in double.
 template <typename T>
 at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& dout, const at::Tensor& seg_ids, int64_t num_segments,
-                         double scale, bool sum_abs, const at::Tensor& lse /* undefined: none */) {
+                         double scale, bool sum_abs, const at::Tensor& lse /* undefined: none */,
+                         const Oeb& oeb) {
   const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t group = H / Hkv;
   const int64_t S = num_segments;
@@ -118,8 +204,9 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
   auto cost = [&](const Task& t) { return (t.i1 - t.i0) * (t.i1 - rows[t.b].lo); };
   std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) { return cost(x) > cost(y); });
 
-  // Key mask (0 or -inf) for rows with padding inside their span; only the path without lse
-  // needs it (it normalizes the softmax itself), binning skips padding keys anyway.
+  // Key mask (0 or -inf) for rows with padding inside their span: P must be 0 on padding keys
+  // wherever its rows are summed (the softmax normalization without lse, the OEB group
+  // masses); binning skips padding keys anyway.
   const auto opts = q.options();
   at::Tensor key_bias = at::zeros({B, Tn}, opts);
   {
@@ -138,6 +225,7 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
     at::Tensor p_buf = at::empty({strip}, opts), g_buf = at::empty({strip}, opts);
     at::Tensor row_buf = at::empty({kBlockQ, 1}, opts), sum_buf = at::empty({kBlockQ, 1}, opts);
     std::vector<T> acc(strip), row_fac(kBlockQ);
+    std::vector<double> log_norm(kBlockQ);  // per row: log-sum-exp of its scores (OEB exact path)
     double* map_w = maps[w].data_ptr<double>();
 
     for (size_t ti; (ti = next_task.fetch_add(1)) < tasks.size();) {
@@ -168,8 +256,10 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
           const T* l = lse_p + (b * H + h) * Tn + i0;
           for (int64_t r = 0; r < nq; ++r) rv[r] = -l[r];
           at::addmm_out(P, rowv.expand({nq, nk}), qb, kt, /*beta=*/1, /*alpha=*/scale);
+          if (lay.holes && oeb.seg_start) P.add_(key_bias[b].narrow(0, lo, nk));
           P.exp_();
           std::fill(row_fac.begin(), row_fac.begin() + nq, T(1));
+          for (int64_t r = 0; r < nq; ++r) log_norm[r] = l[r];
         } else {
           // The softmax of the strip itself: mask the keys after each query and padding keys,
           // then exp(s - rowmax); the 1 / rowsum factor is applied when folding into acc.
@@ -184,21 +274,42 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
           at::sum_out(rows_sum, P, {1}, /*keepdim=*/true);
           const T* sp = rows_sum.data_ptr<T>();
           for (int64_t r = 0; r < nq; ++r) row_fac[r] = T(1) / sp[r];
+          for (int64_t r = 0; r < nq; ++r) log_norm[r] = double(rv[r]) + std::log(double(sp[r]));
         }
         at::mm_out(G, ob, vt);
 
-        // acc += P * G on the causal part of each valid query row (the rest is never binned).
+        // acc += P' * G on the causal part [0, n) of each valid query row (the rest is never
+        // binned), in three ranges: [0, xs) sinks (or the whole row without OEB), [xs, cs) X,
+        // [cs, n) C, each with its own factor.
         for (int64_t r = 0; r < nq; ++r) {
           if (seg_b[i0 + r] < 0) continue;
           const int64_t n = i0 + r - lo + 1;
           const T f = row_fac[r];
           T* a = acc.data() + r * nk;
-          const T* p = Pp + r * nk;
+          T* p = Pp + r * nk;
           const T* gg = Gp + r * nk;
+          int64_t xs = n, cs = n;
+          T fx = f, fc = f;
+          const int64_t start = oeb.seg_start ? oeb.seg_start[b * Tn + i0 + r] : -1;
+          if (start >= 0) {
+            // Sinks: keys lo .. lo+num_sink-1; X: sink end .. start-1; C: max(start, sink end) .. i.
+            xs = std::min(oeb.num_sink, n);
+            cs = std::clamp(start - lo, xs, n);
+            const double p_x = range_sum<false>(p + xs, cs - xs), p_c = range_sum<false>(p + cs, n - cs);
+            if (cs > xs && n > cs && std::min(p_x, p_c) < kUnderflowGuard<T>) {
+              // Rare: a group's mass is not resolved by the strip; p now holds A' on X and C.
+              oeb_row_exact(p, q_p + q_off + r * D, k_p + k_off, seg_b + lo, D, scale, xs, cs, n, log_norm[r],
+                            oeb.strength);
+              fx = fc = T(1);
+            } else {
+              const auto [r_c, r_x] = oeb_factors(p_c, p_x, oeb.strength);
+              fx = static_cast<T>(f * r_x), fc = static_cast<T>(f * r_c);
+            }
+          }
           if (sum_abs) {
-            for (int64_t c = 0; c < n; ++c) a[c] += f * p[c] * gg[c];
+            fold<true>(a, p, gg, 0, xs, f), fold<true>(a, p, gg, xs, cs, fx), fold<true>(a, p, gg, cs, n, fc);
           } else {
-            for (int64_t c = 0; c < n; ++c) a[c] += std::abs(f * p[c] * gg[c]);
+            fold<false>(a, p, gg, 0, xs, f), fold<false>(a, p, gg, xs, cs, fx), fold<false>(a, p, gg, cs, n, fc);
           }
         }
       }
@@ -230,7 +341,9 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
 at::Tensor step_saliency_pool_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& grad_out, const at::Tensor& seg_ids, int64_t num_segments,
                                   double scale, c10::string_view head_reduction,
-                                  const std::optional<at::Tensor>& lse) {
+                                  const std::optional<at::Tensor>& lse,
+                                  const std::optional<at::Tensor>& oeb_seg_start, double oeb_strength,
+                                  int64_t oeb_num_sink) {
   const std::string reduction(head_reduction);
   TORCH_CHECK(reduction == "sum_abs" || reduction == "abs_sum",
               "step_saliency_pool: head_reduction must be 'sum_abs' or 'abs_sum', got '", reduction, "'");
@@ -285,13 +398,35 @@ at::Tensor step_saliency_pool_cpu(const at::Tensor& q, const at::Tensor& k, cons
     lse_c = lse->to(compute).contiguous();
   }
 
+  TORCH_CHECK(oeb_strength >= 0 && oeb_strength <= 1, "step_saliency_pool: oeb_strength must be in [0, 1], got ",
+              oeb_strength);
+  TORCH_CHECK(oeb_num_sink >= 0, "step_saliency_pool: oeb_num_sink must be >= 0, got ", oeb_num_sink);
+  Oeb oeb{nullptr, oeb_strength, oeb_num_sink};
+  at::Tensor oeb_start;
+  if (oeb_seg_start.has_value()) {
+    const at::Tensor& x = *oeb_seg_start;
+    TORCH_CHECK(x.device().is_cpu(), "step_saliency_pool (CPU kernel): oeb_seg_start must be on the CPU, got ",
+                x.device());
+    TORCH_CHECK(x.scalar_type() == at::kLong || x.scalar_type() == at::kInt,
+                "step_saliency_pool: oeb_seg_start must be int64 (or int32), got ", x.scalar_type());
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.size(1) == Tn,
+                "step_saliency_pool: oeb_seg_start must have shape (", B, ", ", Tn, "), got ", x.sizes());
+    oeb_start = x.to(at::kLong).contiguous();
+    const int64_t* s = oeb_start.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * Tn; ++i) {
+      TORCH_CHECK(s[i] >= -1 && s[i] <= i % Tn,
+                  "step_saliency_pool: oeb_seg_start must be -1 or a key position in [0, i] for query i, got ", s[i],
+                  " for query ", i % Tn, " of batch row ", i / Tn);
+    }
+    oeb.seg_start = s;
+  }
   // Whole tensors are converted to the compute type once (a no-op for contiguous fp32).
   const at::Tensor qc = q.to(compute).contiguous(), kc = k.to(compute).contiguous();
   const at::Tensor vc = v.to(compute).contiguous(), oc = grad_out.to(compute).contiguous();
   const bool sum_abs = reduction == "sum_abs";
   at::Tensor maps = compute == at::kDouble
-                        ? saliency_maps<double>(qc, kc, vc, oc, seg, num_segments, scale, sum_abs, lse_c)
-                        : saliency_maps<float>(qc, kc, vc, oc, seg, num_segments, scale, sum_abs, lse_c);
+                        ? saliency_maps<double>(qc, kc, vc, oc, seg, num_segments, scale, sum_abs, lse_c, oeb)
+                        : saliency_maps<float>(qc, kc, vc, oc, seg, num_segments, scale, sum_abs, lse_c, oeb);
   return maps.to(at::kFloat);
 }
 
