@@ -1,4 +1,18 @@
-"""Pictures of Step-Saliency results: per-layer heatmaps and diagnostic curves (PNG)."""
+"""Pictures of Step-Saliency results (PNG).
+
+- `plot_heatmaps`: one panel per layer of a step-to-step map (rows: the segment whose saliency
+  is shared out, columns: the segment it draws from; Q, S1..Sk, A), log colour scale of the row
+  shares, one shared colour bar, a fixed panel size whatever the number of layers and steps,
+  tick labels thinned to a readable few, segment boundaries marked.
+- `plot_curves`: the diagnostic curves over layers (lock-in index, summary thinking share,
+  summary recent share) with the windows and thresholds behind the verdicts, optional 95%
+  bands, and several series (e.g. before / after StepFlow).
+- `plot_side_by_side`: before | after | difference for a few chosen layers.
+- `plot_result`: heatmaps and curves of one trace in one figure (StepSaliencyResult.plot).
+
+Layouts are computed in inches (fixed panel size, labels only on the outer panels): a grid of
+28 panels draws in about a second, where matplotlib's constrained layout takes tens of seconds.
+"""
 from __future__ import annotations
 
 import math
@@ -8,8 +22,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.colors import LogNorm, SymLogNorm  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
+
+PANEL = 1.9          # inches per heatmap panel, whatever the number of steps
+DPI = 120
+MASK_COLOUR = "#d4d4d4"   # undefined cells and the (empty) future above the diagonal
+CURVE_NAMES = {
+    "lock_in_index": "lock-in index LI  (a step's share on itself)",
+    "summary_thinking_share": "summary thinking share TS  (summary → all steps)",
+    "summary_recent_share": "summary recent share RS  (summary → itself + last 2 steps)",
+}
+CURVES_HEIGHT = 4.1   # inches of a row of curves (axes, titles, legends below)
 
 
 def segment_labels(kinds: list[str]) -> list[str]:
@@ -26,50 +52,401 @@ def segment_labels(kinds: list[str]) -> list[str]:
     return labels
 
 
-def _tick_every(n: int) -> int:
-    return max(1, math.ceil(n / 12))
+def pick_ticks(labels: list[str], max_ticks: int = 12) -> list[int]:
+    """Indices to label: the ends (Q, A) always, the middle at a round stride (1, 2, 5, 10, ...)
+    so that at most `max_ticks` labels show; middle labels too close to an end are dropped."""
+    s = len(labels)
+    ends = sorted({i for i in (0, s - 1) if labels[i] in ("Q", "A")})
+    middle = [i for i in range(s) if i not in ends]
+    if not middle:
+        return ends
+    budget = max(1, max_ticks - len(ends))
+    stride = next(m * 10 ** e for e in range(7) for m in (1, 2, 5) if math.ceil(len(middle) / (m * 10 ** e)) <= budget)
+    gap = max(1, s / 16)
+    picked = [i for i in middle if (stride == 1 or i % stride == 0) and all(abs(i - j) >= gap for j in ends)]
+    return sorted(set(ends + picked))
+
+
+def _grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols): up to 8 columns, few empty slots (28 layers -> 4 x 7, 32 -> 4 x 8, 36 -> 6 x 6)."""
+    if n <= 8:
+        return 1, n
+    best = min(range(5, 9), key=lambda c: (math.ceil(n / c) * c - n, -c))
+    return math.ceil(n / best), best
+
+
+def share_norm(arrays) -> LogNorm:
+    """Log scale from a decade at or below the 2nd percentile of the positive shares, up to 100%."""
+    values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+    positive = values[np.isfinite(values) & (values > 0)]
+    low = np.percentile(positive, 2) if positive.size else 1e-3
+    low = min(max(low, 1e-5), 0.1)
+    return LogNorm(vmin=10 ** math.floor(math.log10(low)), vmax=1.0)
+
+
+def diff_norm(arrays) -> SymLogNorm:
+    """Symmetric log scale for differences of shares, linear within 1/100 of the largest change."""
+    values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+    finite = np.abs(values[np.isfinite(values)])
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1e-3
+    return SymLogNorm(linthresh=max(top / 100, 1e-6), linscale=0.5, vmin=-top, vmax=top, base=10)
+
+
+def _percent(x, _pos=None) -> str:
+    p = 100 * x
+    if p == 0:
+        return "0"
+    return f"{p:g}%" if abs(p) >= 1 else f"{p:.2g}%"
+
+
+def _points(x, _pos=None) -> str:
+    """Differences of shares in percentage points."""
+    p = 100 * x
+    if p == 0:
+        return "0"
+    text = f"{abs(p):g}" if abs(p) >= 1 else f"{abs(p):.2g}"
+    return ("+" if p > 0 else "−") + text
+
+
+def _prepare(data: np.ndarray, norm, diff: bool) -> np.ndarray:
+    """Mask undefined (NaN) cells and the structural zeros above the diagonal; zeros elsewhere
+    show as the scale's lowest colour."""
+    s = data.shape[-1]
+    upper = np.triu(np.ones((s, s), dtype=bool), 1)
+    mask = ~np.isfinite(data) | (upper & (data == 0))
+    if not diff:
+        data = np.where(np.isfinite(data) & (data <= 0), norm.vmin * 0.5, data)
+    return np.ma.masked_where(mask, data)
+
+
+def _cmap(diff: bool):
+    if diff:
+        return plt.get_cmap("RdBu_r").with_extremes(bad=MASK_COLOUR)
+    cmap = plt.get_cmap("magma")
+    return cmap.with_extremes(bad=MASK_COLOUR, under=cmap(0.0))
+
+
+def _colorbar(fig, image, rect, diff: bool, label=None, horizontal=False):
+    cax = fig.add_axes(rect)
+    cbar = fig.colorbar(image, cax=cax, orientation="horizontal" if horizontal else "vertical")
+    norm = image.norm
+    if diff:
+        top = max(abs(norm.vmin), abs(norm.vmax))
+        k = 10 ** math.floor(math.log10(top))
+        ticks = [-k, 0.0, k] if top / k < 2 else [-k, -k / 10, 0.0, k / 10, k] if not horizontal else [-k, 0.0, k]
+        cbar.set_ticks(ticks)
+        cbar.formatter = FuncFormatter(_points)
+    else:
+        decades = math.log10(norm.vmax / norm.vmin)
+        cbar.locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,))
+        cbar.formatter = FuncFormatter(_percent)
+    cbar.update_ticks()
+    cbar.ax.tick_params(labelsize=7)
+    cbar.set_label(label or ("after − before, percentage points (symlog)" if diff
+                             else "share of the row's saliency (log)"), fontsize=8)
+    return cbar
+
+
+def _boundaries(labels):
+    """Positions between Q and the steps and between the steps and A."""
+    return [i + 0.5 for i in range(len(labels) - 1)
+            if (labels[i] == "Q") != (labels[i + 1] == "Q") or (labels[i] == "A") != (labels[i + 1] == "A")]
+
+
+def _panel(canvas, left, top, size, data, labels, ticks, norm, diff, title, show_x, show_y):
+    """One heatmap drawn on the canvas's board at (left, top) inches, `size` inches square. All
+    panels share one full-figure axes: a grid of 28 panels costs one axes, not 28."""
+    board = canvas.board()
+    s = data.shape[-1]
+    cell = size / s
+    image = board.imshow(_prepare(data, norm, diff), cmap=_cmap(diff), norm=norm, interpolation="nearest",
+                         extent=(left, left + size, top + size, top), aspect="auto")
+    lines = [[(left + (b + 0.5) * cell, top), (left + (b + 0.5) * cell, top + size)] for b in _boundaries(labels)]
+    lines += [[(left, top + (b + 0.5) * cell), (left + size, top + (b + 0.5) * cell)] for b in _boundaries(labels)]
+    tick = 0.04
+    if show_x:
+        lines += [[(left + (i + 0.5) * cell, top + size), (left + (i + 0.5) * cell, top + size + tick)] for i in ticks]
+        for i in ticks:
+            board.text(left + (i + 0.5) * cell, top + size + tick + 0.02, labels[i], rotation=90, ha="center",
+                       va="top", fontsize=6)
+    if show_y:
+        lines += [[(left - tick, top + (i + 0.5) * cell), (left, top + (i + 0.5) * cell)] for i in ticks]
+        for i in ticks:
+            board.text(left - tick - 0.02, top + (i + 0.5) * cell, labels[i], ha="right", va="center", fontsize=6)
+    n_bound = 2 * len(_boundaries(labels))
+    colours = ["#555555" if diff else "white"] * n_bound + ["black"] * (len(lines) - n_bound)
+    board.add_collection(LineCollection(lines, colors=colours, linewidths=[0.6] * n_bound + [0.6] * (len(lines) - n_bound),
+                                        alpha=0.8))
+    board.add_patch(Rectangle((left, top), size, size, fill=False, lw=0.8, edgecolor="black"))
+    board.text(left + size / 2, top - 0.03, title, ha="center", va="bottom", fontsize=8)
+    return image
+
+
+class _Canvas:
+    """A figure laid out in inches from the top-left corner."""
+
+    def __init__(self, width, height):
+        self.w, self.h = width, height
+        self.fig = plt.figure(figsize=(width, height))
+        self._board = None
+
+    def board(self):
+        """A full-figure axes in inch coordinates (y down) for the heatmap panels and their labels."""
+        if self._board is None:
+            ax = self.fig.add_axes((0, 0, 1, 1))
+            ax.set_xlim(0, self.w)
+            ax.set_ylim(self.h, 0)
+            ax.set_axis_off()
+            self._board = ax
+        return self._board
+
+    def axes(self, left, top, width, height):
+        return self.fig.add_axes((left / self.w, 1 - (top + height) / self.h, width / self.w, height / self.h))
+
+    def rect(self, left, top, width, height):
+        return (left / self.w, 1 - (top + height) / self.h, width / self.w, height / self.h)
+
+    def text(self, left, top, text, **kw):
+        self.fig.text(left / self.w, 1 - top / self.h, text, va="top", **kw)
+
+    def save(self, path):
+        self.fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 3})   # level 6 costs twice the time
+        plt.close(self.fig)
+        return str(path)
+
+
+# Heatmap grid geometry (inches).
+_LEFT, _GAP_X, _GAP_Y, _TITLE, _BOTTOM, _CBAR = 0.75, 0.12, 0.30, 0.65, 0.6, 1.3
+
+
+def _grid_size(layers: int) -> tuple[float, float]:
+    rows, cols = _grid_shape(layers)
+    return (_LEFT + cols * PANEL + (cols - 1) * _GAP_X + _CBAR,
+            _TITLE + rows * PANEL + (rows - 1) * _GAP_Y + _BOTTOM)
+
+
+def _draw_grid(canvas, top, data, labels, layer_names=None, norm=None, diff=False, title=None, cbar_label=None):
+    """Draw (L, S, S) maps with their top edge at `top` inches; returns the height used."""
+    data = np.asarray(data, dtype=np.float64)
+    layers = data.shape[0]
+    rows, cols = _grid_shape(layers)
+    width, height = _grid_size(layers)
+    if norm is None:
+        norm = diff_norm([data]) if diff else share_norm([data])
+    ticks = pick_ticks(labels)
+    image = None
+    for idx in range(layers):
+        r, c = divmod(idx, cols)
+        image = _panel(canvas, _LEFT + c * (PANEL + _GAP_X), top + _TITLE + r * (PANEL + _GAP_Y), PANEL,
+                       data[idx], labels, ticks, norm, diff,
+                       layer_names[idx] if layer_names else f"layer {idx}",
+                       show_x=idx + cols >= layers, show_y=c == 0)
+    grid_w = cols * PANEL + (cols - 1) * _GAP_X
+    grid_h = rows * PANEL + (rows - 1) * _GAP_Y
+    cbar_h = min(grid_h, max(2.5, 0.8 * grid_h))
+    _colorbar(canvas.fig, image, canvas.rect(_LEFT + grid_w + 0.2, top + _TITLE + (grid_h - cbar_h) / 2, 0.16, cbar_h),
+              diff, cbar_label)
+    if title:
+        canvas.text(0.15, top + 0.12, title, fontsize=10, ha="left")
+    canvas.text(0.15, top + 0.36, "rows: the segment whose saliency is shared out (query) · columns: the segment it "
+                "draws from (key) · grey: undefined or the empty future", fontsize=7.5, color="#444", ha="left")
+    return height
+
+
+def plot_heatmaps(path, data, labels, title=None, diff=False, norm=None, layer_names=None):
+    """One panel per layer of `data` (L, S, S): row shares (log scale) or differences (diff=True)."""
+    data = np.asarray(data, dtype=np.float64)
+    canvas = _Canvas(*_grid_size(data.shape[0]))
+    _draw_grid(canvas, 0.0, data, labels, layer_names=layer_names, norm=norm, diff=diff, title=title)
+    return canvas.save(path)
+
+
+def _as_band(value):
+    if isinstance(value, dict):
+        return (np.asarray(value["mean"], float), np.clip(np.asarray(value["low"], float), 0, 1),
+                np.clip(np.asarray(value["high"], float), 0, 1))
+    return np.asarray(value, dtype=float), None, None
+
+
+def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, text=None):
+    """Three panels (LI, TS, RS) over layers with their top edge at `top` inches."""
+    from .diagnostics import layer_windows
+
+    thresholds = thresholds or {"lock_in_margin": 0.1, "decay_drop": 0.25}
+    drop = thresholds.get("decay_drop", 0.25)
+    text_h = 0.0
+    if text:
+        canvas.text(0.15, top + 0.1, text, fontsize=8.5, family="monospace", ha="left")
+        text_h = 0.2 + 0.16 * (text.count("\n") + 1)
+    first = series[0]["curves"]
+    owner = f" ({series[0]['label']})" if len(series) > 1 else ""
+    n = len(_as_band(first["lock_in_index"])[0])
+    xs = np.arange(n)
+    shallow, middle, deep = layer_windows(n)
+    left, gap, ax_h = 0.6, 0.55, 2.3
+    ax_w = (width - left - 0.25 - 2 * gap) / 3
+    for k, name in enumerate(("lock_in_index", "summary_thinking_share", "summary_recent_share")):
+        ax = canvas.axes(left + k * (ax_w + gap), top + text_h + 0.45, ax_w, ax_h)
+        if highlight and name in highlight and len(highlight[name][0]):
+            layers, label = highlight[name]
+            for i, layer in enumerate(sorted(layers)):
+                ax.axvspan(layer - 0.5, layer + 0.5, color="#ffe2b8", lw=0, label=label if i == 0 else None)
+        mean0 = _as_band(first[name])[0]
+        if name == "lock_in_index":
+            for window, word in ((shallow, "shallow"), (middle, "middle")):
+                vals = mean0[window.start:window.stop]
+                if np.isfinite(vals).any():
+                    ax.hlines(np.nanmean(vals), window.start - 0.5, window.stop - 0.5, colors="black", lw=2.2,
+                              alpha=0.75, label=f"window means{owner}" if word == "shallow" else None)
+            marks = (shallow, middle)
+        elif name == "summary_thinking_share":
+            if np.isfinite(mean0).any():
+                ax.axhline((1 - drop) * np.nanmax(mean0), color="#b22222", ls=":", lw=1.3,
+                           label=f"{1 - drop:g} × peak (decay bar){owner}")
+                vals = mean0[deep.start:deep.stop]
+                if np.isfinite(vals).any():
+                    ax.hlines(np.nanmean(vals), deep.start - 0.5, deep.stop - 0.5, colors="black", lw=2.2,
+                              alpha=0.75, label=f"deep-third mean{owner}")
+            marks = (deep,)
+        else:
+            marks = ()
+        for window in marks:
+            word = "shallow" if window is shallow else "middle" if window is middle else "deep"
+            for edge in (window.start - 0.5, window.stop - 0.5):
+                if -0.5 < edge < n - 0.5:
+                    ax.axvline(edge, color="#888", ls="--", lw=0.8)
+            ax.text((window.start + window.stop - 1) / 2, 1.0, word + " third", ha="center", va="top", fontsize=7,
+                    color="#555")
+        for j, s in enumerate(series):
+            mean, low, high = _as_band(s["curves"][name])
+            colour = s.get("colour", f"C{j}")
+            style = "--" if s.get("style") == "dashed" else "-"
+            ax.plot(xs, mean, style, color=colour, marker="o", ms=2.5, lw=1.4, label=s["label"])
+            if low is not None and np.isfinite(low).any() and not np.allclose(low, high, equal_nan=True):
+                ax.fill_between(xs, low, high, color=colour, alpha=0.2, lw=0, label=f"{s['label']}: 95% band")
+        if not any(np.isfinite(_as_band(s["curves"][name])[0]).any() for s in series):
+            ax.text(0.5, 0.5, "undefined\n(no such segments, or no saliency)", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=8, color="#777")
+        ax.set_title(CURVE_NAMES[name], fontsize=8.5, pad=3)
+        ax.set_ylim(-0.02, 1.06)
+        ax.set_xlim(-0.5, n - 0.5)
+        ax.set_xlabel("layer", fontsize=8, labelpad=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.25)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles, labels, fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                      frameon=False)
+    return _curves_height(text)
+
+
+def _curves_height(text):
+    return (0.2 + 0.16 * (text.count("\n") + 1) if text else 0.0) + 0.45 + 2.3 + 1.0
+
+
+def plot_curves(path, series, title=None, verdict_lines=(), thresholds=None, highlight=None, width=13.0):
+    """The diagnostic curves as a PNG (three panels: LI, TS, RS over layers).
+
+    series: list of {"label", "curves": {name: list | {"mean", "low", "high"}}, optional "style"
+        ("dashed"), "colour"}; the windows and bars of the verdicts are drawn from the first one.
+    highlight: {"lock_in_index": (layers, label), "summary_thinking_share": (layers, label)}: layers
+        to shade (e.g. the OEB and SMI layers of a StepFlow config)."""
+    series = series if isinstance(series, list) else [series]
+    text = "\n".join(([title] if title else []) + list(verdict_lines)) or None
+    canvas = _Canvas(width, _curves_height(text))
+    _draw_curves(canvas, 0.0, width, series, thresholds, highlight, text)
+    return canvas.save(path)
+
+
+def pick_layers(num_layers: int, groups=(), most: int = 6) -> list[int]:
+    """Up to `most` layers spread over the depth: the first and last layer of each group (e.g. the
+    OEB and the SMI layers), then evenly spaced others."""
+    chosen = []
+    for group in groups:
+        group = sorted(group)
+        for layer in (group[:1] + group[-1:]) if group else []:
+            if layer not in chosen and len(chosen) < most:
+                chosen.append(layer)
+    for edge in (0, num_layers - 1):
+        if not chosen:
+            chosen.append(edge)
+    while len(chosen) < min(most, num_layers):   # then the layer farthest from those chosen
+        chosen.append(max((x for x in range(num_layers) if x not in chosen),
+                          key=lambda x: min(abs(x - c) for c in chosen)))
+    return sorted(chosen)
+
+
+def plot_side_by_side(path, before, after, labels, layers, title=None, layer_notes=None):
+    """Rows: the chosen layers; columns: before | after | after − before (row shares)."""
+    before, after = np.asarray(before, float), np.asarray(after, float)
+    n, p, gap_x, gap_y = len(layers), 2.2, 0.15, 0.32
+    left, top0, bottom = 0.75, 0.75, 1.35
+    width = left + 3 * p + 2 * gap_x + 0.35 + 0.3
+    canvas = _Canvas(width + 0.0, top0 + n * p + (n - 1) * gap_y + bottom)
+    norm = share_norm([before[layers], after[layers]])
+    diff = after[layers] - before[layers]
+    dnorm = diff_norm([diff])
+    ticks = pick_ticks(labels)
+    im = dim = None
+    for r, layer in enumerate(layers):
+        note = f" ({layer_notes[layer]})" if layer_notes and layer_notes.get(layer) else ""
+        for c, (data, is_diff, head) in enumerate(((before[layer], False, "before"),
+                                                   (after[layer], False, "after StepFlow"),
+                                                   (diff[r], True, "after − before"))):
+            x = left + c * (p + gap_x) + (0.35 if c == 2 else 0)
+            handle = _panel(canvas, x, top0 + r * (p + gap_y), p, data, labels, ticks, dnorm if is_diff else norm,
+                            is_diff,
+                            f"layer {layer}{note}: {head}", show_x=r == n - 1, show_y=c in (0, 2))
+            if is_diff:
+                dim = handle
+            else:
+                im = handle
+    bar_top = top0 + n * p + (n - 1) * gap_y + 0.62
+    _colorbar(canvas.fig, im, canvas.rect(left + 0.2, bar_top, 2 * p + gap_x - 0.4, 0.13), False, horizontal=True)
+    _colorbar(canvas.fig, dim, canvas.rect(left + 2 * (p + gap_x) + 0.35 + 0.1, bar_top, p - 0.2, 0.13), True,
+              "after − before, pp (symlog)", horizontal=True)
+    if title:
+        canvas.text(0.15, 0.12, title, fontsize=10, ha="left")
+    canvas.text(0.15, 0.38, "rows: query segment · columns: key segment · red: the share grew, blue: it shrank",
+                fontsize=7.5, color="#444", ha="left")
+    return canvas.save(path)
+
+
+def result_shares(result, row: int = 0) -> np.ndarray:
+    """Row shares (L, S, S) of one trace with NaN rows where a row has no saliency."""
+    s = len(result.kinds[row])
+    maps = result.maps[row, :, :s, :s].double().numpy()
+    total = maps.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, maps / np.where(total > 0, total, 1.0), np.nan)
+
+
+def trace_title(result, row: int = 0, name: str | None = None) -> str:
+    kinds, meta = result.kinds[row], result.meta
+    parts = [name or meta.get("name") or f"trace {row}"]
+    if meta.get("model"):
+        parts.append(str(meta["model"]))
+    parts.append(f"target {meta.get('target', '?')}")
+    if meta.get("num_tokens"):
+        parts.append(f"{meta['num_tokens']} tokens")
+    parts.append(f"{kinds.count('step')} steps" + (", summary" if "summary" in kinds else ", no summary"))
+    if meta.get("stepflow"):
+        parts.append("under StepFlow")
+    return " · ".join(parts)
 
 
 def plot_result(result, path, row: int = 0):
-    """One heatmap panel per layer (row-normalized shares, log colour scale) and the diagnostic curves."""
+    """One heatmap panel per layer (row shares, log colour scale) and the diagnostic curves below."""
+    from .diagnostics import verdict_text
+
     kinds = result.kinds[row]
-    labels = segment_labels(kinds)
-    shares = result.normalized("row")[row].numpy()
-    layers = shares.shape[0]
-    s = len(kinds)
-    shares = shares[:, :s, :s]
-    cols = min(8, layers)
-    grid_rows = math.ceil(layers / cols)
+    shares = result_shares(result, row)
     diag = result.diagnose()[row]
-    fig = plt.figure(figsize=(2.1 * cols + 1.5, 2.1 * grid_rows + 3.2), constrained_layout=True)
-    spec = fig.add_gridspec(grid_rows + 1, cols, height_ratios=[1] * grid_rows + [1.4])
-    positive = shares[shares > 0]
-    vmin = max(float(positive.min()) if positive.size else 1e-4, 1e-4)
-    norm = LogNorm(vmin=vmin, vmax=1.0)
-    every = _tick_every(s)
-    ticks = list(range(0, s, every))
-    image = None
-    for layer in range(layers):
-        ax = fig.add_subplot(spec[layer // cols, layer % cols])
-        data = np.ma.masked_where(np.triu(np.ones((s, s), dtype=bool), 1) | (shares[layer] <= 0), shares[layer])
-        image = ax.imshow(data, cmap="magma", norm=norm, interpolation="nearest")
-        ax.set_title(f"layer {layer}", fontsize=8)
-        ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=6, rotation=90)
-        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=6)
-    if image is not None:
-        fig.colorbar(image, ax=fig.axes, shrink=0.6, label="share of row saliency (log)")
-    ax = fig.add_subplot(spec[grid_rows, :])
-    xs = np.arange(layers)
-    ax.plot(xs, diag["lock_in_index"], marker="o", label="lock-in index (current step share)")
-    ax.plot(xs, diag["summary_thinking_share"], marker="s", label="summary → thinking share")
-    ax.plot(xs, diag["summary_recent_share"], marker="^", label="summary → recent share")
-    ax.set_xlabel("layer")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    verdict = (f"Shallow Lock-in: {diag['shallow_lock_in']}   Deep Decay: {diag['deep_decay']}")
-    ax.set_title(verdict, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    grid_w, grid_h = _grid_size(shares.shape[0])
+    width = max(grid_w, 11.0)
+    text = "\n".join(verdict_text(diag))
+    canvas = _Canvas(width, grid_h + _curves_height(text))
+    used = _draw_grid(canvas, 0.0, shares, segment_labels(kinds), title="Step-Saliency: " + trace_title(result, row))
+    _draw_curves(canvas, used, width, [{"label": "this trace", "curves": diag}], diag.get("thresholds"), text=text)
+    return canvas.save(path)
