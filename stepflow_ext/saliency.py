@@ -114,8 +114,16 @@ def target_mask(segmentation: Segmentation, target) -> torch.Tensor:
 class _SaliencyCapture:
     """Attention controller: run `inner`, hook the output gradient, pool it into the layer's map."""
 
-    def __init__(self, seg_ids, num_segments, head_reduction, maps):
+    def __init__(self, seg_ids, num_segments, head_reduction, maps, stepflow=None):
         self.seg_ids, self.num_segments, self.head_reduction, self.maps = seg_ids, num_segments, head_reduction, maps
+        self.stepflow = stepflow  # the model's StepFlowHandle, if any: its OEB layers attend with A', not A
+
+    def _oeb_args(self, layer):
+        handle = self.stepflow
+        if handle is None or layer not in handle.config.oeb_layers or handle._call is None:
+            return {}
+        return dict(oeb_seg_start=handle._call.seg_start, oeb_strength=handle.config.oeb_strength,
+                    oeb_num_sink=handle.config.num_sink)
 
     def make(self, inner):
         def attention(module, query, key, value, attention_mask, **kwargs):
@@ -123,11 +131,12 @@ class _SaliencyCapture:
             if torch.is_grad_enabled() and out.requires_grad:
                 layer, scaling = module.layer_idx, kwargs.get("scaling") or module.scaling
                 q, k, v = query.detach(), key.detach(), value.detach()
+                oeb = self._oeb_args(layer)
 
                 def on_grad(grad):  # grad at the attention output, (B, T, H, d) as HF returns it
                     grad_out = grad.transpose(1, 2).to(q.dtype)
                     m = ops.step_saliency_pool(q, k, v, grad_out, self.seg_ids, self.num_segments, scaling,
-                                               self.head_reduction)
+                                               self.head_reduction, **oeb)
                     self.maps[layer] = m if layer not in self.maps else self.maps[layer] + m
 
                 out.register_hook(on_grad)
@@ -213,8 +222,8 @@ def step_saliency(model, input_ids, segmentation: Segmentation, target="summary"
     num_segments = segmentation.num_segments
     seg_ids = segmentation.seg_ids.to(device)
     maps: dict[int, torch.Tensor] = {}
-    capture = _SaliencyCapture(seg_ids, num_segments, head_reduction, maps)
     handle = getattr(model, "_stepflow_handle", None)
+    capture = _SaliencyCapture(seg_ids, num_segments, head_reduction, maps, stepflow=handle)
     previous = handle._forced if handle is not None else None
     installed = hf.Installed.on(model)
     token = installed.push(capture.make)

@@ -274,6 +274,46 @@ def test_saliency_under_stepflow_uses_the_intervention():
     assert not torch.allclose(plain.maps[:, 2:], steered.maps[:, 2:])
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_saliency_under_oeb_equals_materialized(arch):
+    """Post-intervention maps: in OEB layers the saliency uses A' (the rebalanced attention).
+
+    Oracle: an eager model whose OEB layers run the float64 reference and expose A' as their
+    attention weights, with output_attentions and retained gradients — the materialized way.
+    """
+    tok = make_tokenizer()
+    model = make_model(arch)
+    ids, mask, seg = batch(tok)
+    cfg = sf.StepFlowConfig(oeb_layers=(0, 2), oeb_strength=0.8, num_sink=1)
+    with sf.replace_attention(model, cfg, tokenizer=tok):
+        got = sf.step_saliency(model, ids, seg, attention_mask=mask)
+    seg_start = seg.seg_start()
+    kv_start = seg.kv_start()
+    eager_module = __import__(type(model.model.layers[0].self_attn).__module__, fromlist=["eager_attention_forward"])
+    plain_eager = eager_module.eager_attention_forward
+
+    def oeb_eager(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        if module.layer_idx not in cfg.oeb_layers:
+            return plain_eager(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        allowed, _, current, context = reference.oeb_groups(seg_start, kv_start, query.shape[2], key.shape[2],
+                                                            cfg.num_sink)
+        a = reference.attention_probs(query, key, scaling, allowed)
+        a_new, _, _ = reference.oeb_rebalance(a, current, context, cfg.oeb_strength)
+        out = torch.einsum("bhij,bhjd->bhid", a_new, reference._expand_kv(value, query.shape[1]))
+        return out.transpose(1, 2).contiguous(), a_new
+
+    original = eager_module.eager_attention_forward
+    eager_module.eager_attention_forward = oeb_eager
+    try:
+        expected = materialized_saliency(model, ids, mask, seg)
+    finally:
+        eager_module.eager_attention_forward = original
+    scale = expected.abs().amax(dim=(-1, -2), keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(got.maps.double() / scale, expected / scale, atol=2e-4, rtol=1e-3)
+    plain = sf.step_saliency(model, ids, seg, attention_mask=mask)
+    assert (plain.maps[:, 0] - got.maps[:, 0]).abs().max() > 1e-3 * float(plain.maps[:, 0].abs().max())
+
+
 def test_replace_attention_errors():
     tok = make_tokenizer()
     model = make_model("mistral")
