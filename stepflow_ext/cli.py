@@ -405,7 +405,7 @@ def cmd_analyze(args) -> int:
             path = plot.plot_curves(os.path.join(out, "aggregate_curves.png"),
                                     [{"label": f"mean of {len(done)} traces", "curves": agg["curves"]}],
                                     title=f"Diagnostics over layers, mean and 95% band over {len(done)} traces",
-                                    verdict_lines=[lock, decay], thresholds=agg["verdict"]["thresholds"])
+                                    verdict_lines=[lock, decay], thresholds=_thresholds(args))
             report.image(path, "aggregate diagnostic curves")
         limit = len(done) if args.plots < 0 else args.plots
         for trace, res, rep in tqdm(done[:limit], unit="trace", desc="pictures", file=sys.stderr,

@@ -31,9 +31,9 @@ PANEL = 1.9          # inches per heatmap panel, whatever the number of steps
 DPI = 120
 MASK_COLOUR = "#d4d4d4"   # undefined cells and the (empty) future above the diagonal
 CURVE_NAMES = {
-    "lock_in_index": "lock-in index LI  (a step's share on itself)",
-    "summary_thinking_share": "summary thinking share TS  (summary → all steps)",
-    "summary_recent_share": "summary recent share RS  (summary → itself + last 2 steps)",
+    "lock_in_index": "lock-in index LI\n(a step's share on itself)",
+    "summary_thinking_share": "summary thinking share TS\n(summary → all steps)",
+    "summary_recent_share": "summary recent share RS\n(summary → itself + last {w} steps)",
 }
 CURVES_HEIGHT = 4.1   # inches of a row of curves (axes, titles, legends below)
 
@@ -312,7 +312,7 @@ def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, te
     left, gap, ax_h = 0.6, 0.55, 2.3
     ax_w = (width - left - 0.25 - 2 * gap) / 3
     for k, name in enumerate(("lock_in_index", "summary_thinking_share", "summary_recent_share")):
-        ax = canvas.axes(left + k * (ax_w + gap), top + text_h + 0.45, ax_w, ax_h)
+        ax = canvas.axes(left + k * (ax_w + gap), top + text_h + 0.6, ax_w, ax_h)
         if highlight and name in highlight and len(highlight[name][0]):
             layers, label = highlight[name]
             for i, layer in enumerate(sorted(layers)):
@@ -341,8 +341,8 @@ def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, te
             for edge in (window.start - 0.5, window.stop - 0.5):
                 if -0.5 < edge < n - 0.5:
                     ax.axvline(edge, color="#888", ls="--", lw=0.8)
-            ax.text((window.start + window.stop - 1) / 2, 0.98, word + " third", ha="center", va="top", fontsize=7,
-                    color="#555", transform=ax.get_xaxis_transform())
+            ax.text((window.start + window.stop - 1) / 2, 0.02, word + " third", ha="center", va="bottom",
+                    fontsize=7, color="#555", transform=ax.get_xaxis_transform())
         for j, s in enumerate(series):
             mean, low, high = _as_band(s["curves"][name])
             colour = s.get("colour", f"C{j}")
@@ -353,7 +353,7 @@ def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, te
         if not any(np.isfinite(_as_band(s["curves"][name])[0]).any() for s in series):
             ax.text(0.5, 0.5, "undefined\n(no such segments, or no saliency)", transform=ax.transAxes, ha="center",
                     va="center", fontsize=8, color="#777")
-        ax.set_title(CURVE_NAMES[name], fontsize=8.5, pad=3)
+        ax.set_title(CURVE_NAMES[name].format(w=thresholds.get("recent_window", 2)), fontsize=8.5, pad=3)
         # Shares live in [0, 1]; zoom in when the curves stay low so that small changes show.
         tops = [np.nanmax(b) for s in series for b in _as_band(s["curves"][name]) if b is not None
                 and np.isfinite(b).any()]
@@ -371,7 +371,7 @@ def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, te
 
 
 def _curves_height(text):
-    return (0.2 + 0.16 * (text.count("\n") + 1) if text else 0.0) + 0.45 + 2.3 + 1.1
+    return (0.2 + 0.16 * (text.count("\n") + 1) if text else 0.0) + 0.6 + 2.3 + 1.1
 
 
 def plot_curves(path, series, title=None, verdict_lines=(), thresholds=None, highlight=None, width=13.0):
