@@ -405,7 +405,7 @@ def cmd_analyze(args) -> int:
             path = plot.plot_curves(os.path.join(out, "aggregate_curves.png"),
                                     [{"label": f"mean of {len(done)} traces", "curves": agg["curves"]}],
                                     title=f"Diagnostics over layers, mean and 95% band over {len(done)} traces",
-                                    verdict_lines=[lock, decay], thresholds=agg["verdict"]["thresholds"])
+                                    verdict_lines=[lock, decay], thresholds=_thresholds(args))
             report.image(path, "aggregate diagnostic curves")
         limit = len(done) if args.plots < 0 else args.plots
         for trace, res, rep in tqdm(done[:limit], unit="trace", desc="pictures", file=sys.stderr,
@@ -474,9 +474,15 @@ def _effect(before, after, lower_is_better):
     improved = int((delta < 0).sum() if lower_is_better else (delta > 0).sum())
     better = mean[0] < 0 if lower_is_better else mean[0] > 0
     sure = n[0] > 1 and ((high[0] < 0) if lower_is_better else (low[0] > 0))
-    word = ("lowered" if lower_is_better else "raised") if better else ("not lowered" if lower_is_better else "not raised")
-    if better:
-        word += " (95% CI excludes 0)" if sure else (" (95% CI includes 0)" if n[0] > 1 else " (one trace, no CI)")
+    word = "lowered" if lower_is_better else "raised"
+    if not better:
+        word = "not " + word
+    elif n[0] == 1:
+        word += " (one trace, no confidence interval)"
+    elif sure:
+        word += " (the 95% CI excludes 0)"
+    else:
+        word += " on average, but the 95% CI includes 0"
     return {"n": int(n[0]), "before": float(b[ok].mean()), "after": float(a[ok].mean()), "change": float(mean[0]),
             "ci95": [float(low[0]), float(high[0])] if n[0] > 1 else None, "improved": improved, "verdict": word}
 
@@ -553,12 +559,12 @@ def cmd_compare(args) -> int:
     where_shallow = f"OEB layers {_span(shallow)}" if cfg.oeb_layers else f"first third {_span(shallow)} (no OEB layers)"
     where_deep = f"SMI layers {_span(deep)}" if cfg.smi_layers else f"last third {_span(deep)} (no SMI layers)"
     lines = [
-        f"OEB and the lock-in index over the {where_shallow}: {fmt(oeb['before'])} -> {fmt(oeb['after'])}, "
-        f"change {_signed(oeb['change'])}{_ci(oeb)}, lower in {oeb['improved']}/{oeb['n']} traces: "
-        f"{oeb['verdict'].upper() if cfg.oeb_layers else 'no OEB layers in the config'}",
-        f"SMI and the summary thinking share over the {where_deep}: {fmt(smi['before'])} -> {fmt(smi['after'])}, "
-        f"change {_signed(smi['change'])}{_ci(smi)}, higher in {smi['improved']}/{smi['n']} traces: "
-        f"{smi['verdict'].upper() if cfg.smi_layers else 'no SMI layers in the config'}",
+        f"OEB: lock-in index over the {where_shallow}: {fmt(oeb['before'])} -> {fmt(oeb['after'])} (change "
+        f"{_signed(oeb['change'])}{_ci(oeb)}; lower in {oeb['improved']}/{oeb['n']} traces): "
+        f"{oeb['verdict'] if cfg.oeb_layers else 'no OEB layers in the config'}",
+        f"SMI: summary thinking share over the {where_deep}: {fmt(smi['before'])} -> {fmt(smi['after'])} (change "
+        f"{_signed(smi['change'])}{_ci(smi)}; higher in {smi['improved']}/{smi['n']} traces): "
+        f"{smi['verdict'] if cfg.smi_layers else 'no SMI layers in the config'}",
     ]
     if done:
         header = ["trace", "LI before", "LI after", "ΔLI", "TS before", "TS after", "ΔTS", "Shallow Lock-in",
@@ -605,6 +611,7 @@ def cmd_compare(args) -> int:
             labels = aggs["before"]["labels"]
             what = f"mean of {len(done)} traces (steps resampled to {args.bins} relative-position bins)"
             curves_b, curves_a = aggs["before"]["curves"], aggs["after"]["curves"]
+        report.heading(f"Maps and curves: {what}")
         notes = {layer: "OEB" for layer in cfg.oeb_layers}
         for layer in cfg.smi_layers:
             notes[layer] = (notes.get(layer, "") + "+SMI").lstrip("+")
@@ -664,11 +671,11 @@ def cmd_compare(args) -> int:
 def _signed(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{x:+.3f}"
+    return f"{x:+.3f}" if abs(x) >= 1e-3 or x == 0 else f"{x:+.1e}"
 
 
 def _ci(effect) -> str:
-    return f" [95% CI {effect['ci95'][0]:+.3f}, {effect['ci95'][1]:+.3f}]" if effect.get("ci95") else ""
+    return f", 95% CI [{_signed(effect['ci95'][0])}, {_signed(effect['ci95'][1])}]" if effect.get("ci95") else ""
 
 
 def _span(layers) -> str:
@@ -762,8 +769,8 @@ def _common(p, model_required=True):
                    help="a local directory (save_pretrained) or a Hugging Face hub id of a causal LM "
                         "(Llama, Qwen2, Qwen3, Mistral; e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
-                   help="weights dtype (default: auto, the checkpoint's own)")
+    g.add_argument("--dtype", default="auto", choices=sorted(DTYPES), metavar="{auto,float32,bfloat16,float16}",
+                   help="weights dtype (default: auto, the checkpoint's own; fp32/bf16/fp16 also work)")
     g.add_argument("--attn-implementation", default=None, metavar="IMPL",
                    help="the model's attention kernel: sdpa (transformers' default), eager, flash_attention_2, ...")
     g.add_argument("--trust-remote-code", action="store_true",
@@ -777,8 +784,7 @@ def _common(p, model_required=True):
 
 
 def _analysis_options(p):
-    p.add_argument("--traces", required=True, metavar="FILE", help="JSONL traces (formats: see README or "
-                   "`stepflow analyze --help` below)")
+    p.add_argument("--traces", required=True, metavar="FILE", help="JSONL traces (formats below)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument("--target", default="summary", choices=("summary", "thinking", "generated"),
                    help="tokens whose log-likelihood is the loss of the saliency (default: summary)")
@@ -796,11 +802,12 @@ def _analysis_options(p):
                    help="draw per-trace pictures for the first N traces (default 8, -1: all)")
     p.add_argument("--no-plots", action="store_true", help="write maps and JSON only, no pictures or report")
     d = p.add_argument_group("diagnostic thresholds (docs/method.md, Diagnostics)")
-    d.add_argument("--lock-in-margin", type=float, default=0.1,
+    d.add_argument("--lock-in-margin", type=float, default=0.1, metavar="X",
                    help="Shallow Lock-in: LI(first third) - LI(middle third) above this (default 0.1)")
-    d.add_argument("--decay-drop", type=float, default=0.25,
+    d.add_argument("--decay-drop", type=float, default=0.25, metavar="X",
                    help="Deep Decay: TS(last third) below (1 - this) x peak TS (default 0.25)")
-    d.add_argument("--recent-window", type=int, default=2, help="steps counted as recent in RS (default 2)")
+    d.add_argument("--recent-window", type=int, default=2, metavar="W",
+                   help="steps counted as recent in RS (default 2)")
 
 
 TRACE_FORMATS = """\

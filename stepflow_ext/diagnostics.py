@@ -80,7 +80,8 @@ def diagnose(result, recent_window=2, lock_in_margin=0.1, decay_drop=0.25):
             li.append(_mean(locked))
             if summary is not None and float(r[summary].sum()) > 0:
                 ts.append(float(sum(r[summary, c] for c in steps)))
-                rs.append(float(r[summary, summary] + sum(r[summary, c] for c in steps[-recent_window:])))
+                recent = steps[max(0, len(steps) - recent_window):]   # (steps[-0:] would be all of them)
+                rs.append(float(r[summary, summary] + sum(r[summary, c] for c in recent)))
             else:
                 ts.append(float("nan"))
                 rs.append(float("nan"))

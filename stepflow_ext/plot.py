@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.colors import LogNorm, SymLogNorm  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
 
@@ -31,9 +31,9 @@ PANEL = 1.9          # inches per heatmap panel, whatever the number of steps
 DPI = 120
 MASK_COLOUR = "#d4d4d4"   # undefined cells and the (empty) future above the diagonal
 CURVE_NAMES = {
-    "lock_in_index": "lock-in index LI  (a step's share on itself)",
-    "summary_thinking_share": "summary thinking share TS  (summary → all steps)",
-    "summary_recent_share": "summary recent share RS  (summary → itself + last 2 steps)",
+    "lock_in_index": "lock-in index LI\n(a step's share on itself)",
+    "summary_thinking_share": "summary thinking share TS\n(summary → all steps)",
+    "summary_recent_share": "summary recent share RS\n(summary → itself + last {w} steps)",
 }
 CURVES_HEIGHT = 4.1   # inches of a row of curves (axes, titles, legends below)
 
@@ -75,21 +75,33 @@ def _grid_shape(n: int) -> tuple[int, int]:
     return math.ceil(n / best), best
 
 
+def _nice(x: float, up: bool) -> float:
+    """The next value of the 1-2-5 sequence above (up) or below x."""
+    steps = [m * 10.0 ** e for e in range(-7, 1) for m in (1, 2, 5)]
+    return min((v for v in steps if v >= x), default=1.0) if up else max((v for v in steps if v <= x), default=1e-7)
+
+
 def share_norm(arrays) -> LogNorm:
-    """Log scale from a decade at or below the 2nd percentile of the positive shares, up to 100%."""
+    """Log scale over the bulk of the shares: from the 1st to the 99.5th percentile of the shares in
+    (0, 1), widened to the 1-2-5 sequence and to at least one decade. Shares of exactly 100% (the
+    question on itself) are left out of the percentiles; values outside the range saturate."""
     values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-    positive = values[np.isfinite(values) & (values > 0)]
-    low = np.percentile(positive, 2) if positive.size else 1e-3
-    low = min(max(low, 1e-5), 0.1)
-    return LogNorm(vmin=10 ** math.floor(math.log10(low)), vmax=1.0)
+    inner = values[np.isfinite(values) & (values > 0) & (values < 1 - 1e-9)]
+    if not inner.size:
+        return LogNorm(vmin=1e-3, vmax=1.0)
+    low, high = np.percentile(inner, [1, 99.5])
+    vmax = min(1.0, _nice(max(high, 1e-6), up=True))
+    vmin = min(_nice(max(low, 1e-6), up=False), vmax / 10)
+    return LogNorm(vmin=vmin, vmax=vmax)
 
 
-def diff_norm(arrays) -> SymLogNorm:
-    """Symmetric log scale for differences of shares, linear within 1/100 of the largest change."""
+def diff_norm(arrays) -> Normalize:
+    """Linear, symmetric scale for differences of shares, up to the 99th percentile of |change|
+    (rounded up on the 1-2-5 sequence); larger changes saturate (arrows on the colour bar)."""
     values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
     finite = np.abs(values[np.isfinite(values)])
-    top = float(finite.max()) if finite.size and finite.max() > 0 else 1e-3
-    return SymLogNorm(linthresh=max(top / 100, 1e-6), linscale=0.5, vmin=-top, vmax=top, base=10)
+    top = _nice(float(np.percentile(finite, 99)), up=True) if finite.size and finite.max() > 0 else 1e-3
+    return Normalize(vmin=-top, vmax=top)
 
 
 def _percent(x, _pos=None) -> str:
@@ -123,18 +135,22 @@ def _cmap(diff: bool):
     if diff:
         return plt.get_cmap("RdBu_r").with_extremes(bad=MASK_COLOUR)
     cmap = plt.get_cmap("magma")
-    return cmap.with_extremes(bad=MASK_COLOUR, under=cmap(0.0))
+    return cmap.with_extremes(bad=MASK_COLOUR, under=cmap(0.0), over=cmap(1.0))
 
 
-def _colorbar(fig, image, rect, diff: bool, label=None, horizontal=False):
+def _colorbar(fig, image, rect, diff: bool, label=None, horizontal=False, values=None):
     cax = fig.add_axes(rect)
-    cbar = fig.colorbar(image, cax=cax, orientation="horizontal" if horizontal else "vertical")
+    # arrows where values run past the ends of the scale
+    values = np.ma.compressed(image.get_array()) if values is None else np.asarray(values, float).ravel()
+    values = values[np.isfinite(values) & ((values > 0) | diff)]
+    below = bool((values < image.norm.vmin * (1 + 1e-9 if diff else 1)).any())
+    above = bool((values > image.norm.vmax * (1 + 1e-9)).any())
+    extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
+    cbar = fig.colorbar(image, cax=cax, orientation="horizontal" if horizontal else "vertical", extend=extend)
     norm = image.norm
     if diff:
-        top = max(abs(norm.vmin), abs(norm.vmax))
-        k = 10 ** math.floor(math.log10(top))
-        ticks = [-k, 0.0, k] if top / k < 2 else [-k, -k / 10, 0.0, k / 10, k] if not horizontal else [-k, 0.0, k]
-        cbar.set_ticks(ticks)
+        top = norm.vmax
+        cbar.set_ticks([-top, -top / 2, 0.0, top / 2, top])
         cbar.formatter = FuncFormatter(_points)
     else:
         decades = math.log10(norm.vmax / norm.vmin)
@@ -142,7 +158,7 @@ def _colorbar(fig, image, rect, diff: bool, label=None, horizontal=False):
         cbar.formatter = FuncFormatter(_percent)
     cbar.update_ticks()
     cbar.ax.tick_params(labelsize=7)
-    cbar.set_label(label or ("after − before, percentage points (symlog)" if diff
+    cbar.set_label(label or ("after − before, percentage points" if diff
                              else "share of the row's saliency (log)"), fontsize=8)
     return cbar
 
@@ -153,30 +169,40 @@ def _boundaries(labels):
             if (labels[i] == "Q") != (labels[i + 1] == "Q") or (labels[i] == "A") != (labels[i + 1] == "A")]
 
 
+def cell_edges(labels) -> np.ndarray:
+    """Cell edges in [0, 1] along a map's axis. With many steps the question and the summary get
+    wider cells (1/8 of the step count each) so that the A row and the Q column stay visible;
+    the steps share the rest equally. A cell's width is not its size in tokens."""
+    steps = sum(1 for x in labels if x not in ("Q", "A"))
+    big = max(1, round(steps / 8))
+    widths = np.array([big if x in ("Q", "A") else 1 for x in labels], dtype=np.float64)
+    return np.concatenate([[0.0], np.cumsum(widths)]) / widths.sum()
+
+
 def _panel(canvas, left, top, size, data, labels, ticks, norm, diff, title, show_x, show_y):
     """One heatmap drawn on the canvas's board at (left, top) inches, `size` inches square. All
     panels share one full-figure axes: a grid of 28 panels costs one axes, not 28."""
     board = canvas.board()
-    s = data.shape[-1]
-    cell = size / s
-    image = board.imshow(_prepare(data, norm, diff), cmap=_cmap(diff), norm=norm, interpolation="nearest",
-                         extent=(left, left + size, top + size, top), aspect="auto")
-    lines = [[(left + (b + 0.5) * cell, top), (left + (b + 0.5) * cell, top + size)] for b in _boundaries(labels)]
-    lines += [[(left, top + (b + 0.5) * cell), (left + size, top + (b + 0.5) * cell)] for b in _boundaries(labels)]
+    edges = cell_edges(labels) * size
+    centres = (edges[:-1] + edges[1:]) / 2
+    image = board.pcolormesh(left + edges, top + edges, _prepare(data, norm, diff), cmap=_cmap(diff), norm=norm,
+                             shading="flat", rasterized=True)
+    bounds = [edges[int(b + 0.5)] for b in _boundaries(labels)]
+    lines = [[(left + x, top), (left + x, top + size)] for x in bounds]
+    lines += [[(left, top + y), (left + size, top + y)] for y in bounds]
+    colours = ["#555555" if diff else "white"] * len(lines)
     tick = 0.04
     if show_x:
-        lines += [[(left + (i + 0.5) * cell, top + size), (left + (i + 0.5) * cell, top + size + tick)] for i in ticks]
+        lines += [[(left + centres[i], top + size), (left + centres[i], top + size + tick)] for i in ticks]
         for i in ticks:
-            board.text(left + (i + 0.5) * cell, top + size + tick + 0.02, labels[i], rotation=90, ha="center",
-                       va="top", fontsize=6)
+            board.text(left + centres[i], top + size + tick + 0.02, labels[i], rotation=90, ha="center", va="top",
+                       fontsize=6)
     if show_y:
-        lines += [[(left - tick, top + (i + 0.5) * cell), (left, top + (i + 0.5) * cell)] for i in ticks]
+        lines += [[(left - tick, top + centres[i]), (left, top + centres[i])] for i in ticks]
         for i in ticks:
-            board.text(left - tick - 0.02, top + (i + 0.5) * cell, labels[i], ha="right", va="center", fontsize=6)
-    n_bound = 2 * len(_boundaries(labels))
-    colours = ["#555555" if diff else "white"] * n_bound + ["black"] * (len(lines) - n_bound)
-    board.add_collection(LineCollection(lines, colors=colours, linewidths=[0.6] * n_bound + [0.6] * (len(lines) - n_bound),
-                                        alpha=0.8))
+            board.text(left - tick - 0.02, top + centres[i], labels[i], ha="right", va="center", fontsize=6)
+    colours += ["black"] * (len(lines) - len(colours))
+    board.add_collection(LineCollection(lines, colors=colours, linewidths=0.6, alpha=0.8))
     board.add_patch(Rectangle((left, top), size, size, fill=False, lw=0.8, edgecolor="black"))
     board.text(left + size / 2, top - 0.03, title, ha="center", va="bottom", fontsize=8)
     return image
@@ -245,7 +271,7 @@ def _draw_grid(canvas, top, data, labels, layer_names=None, norm=None, diff=Fals
     grid_h = rows * PANEL + (rows - 1) * _GAP_Y
     cbar_h = min(grid_h, max(2.5, 0.8 * grid_h))
     _colorbar(canvas.fig, image, canvas.rect(_LEFT + grid_w + 0.2, top + _TITLE + (grid_h - cbar_h) / 2, 0.16, cbar_h),
-              diff, cbar_label)
+              diff, cbar_label, values=data)
     if title:
         canvas.text(0.15, top + 0.12, title, fontsize=10, ha="left")
     canvas.text(0.15, top + 0.36, "rows: the segment whose saliency is shared out (query) · columns: the segment it "
@@ -286,7 +312,7 @@ def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, te
     left, gap, ax_h = 0.6, 0.55, 2.3
     ax_w = (width - left - 0.25 - 2 * gap) / 3
     for k, name in enumerate(("lock_in_index", "summary_thinking_share", "summary_recent_share")):
-        ax = canvas.axes(left + k * (ax_w + gap), top + text_h + 0.45, ax_w, ax_h)
+        ax = canvas.axes(left + k * (ax_w + gap), top + text_h + 0.6, ax_w, ax_h)
         if highlight and name in highlight and len(highlight[name][0]):
             layers, label = highlight[name]
             for i, layer in enumerate(sorted(layers)):
@@ -315,8 +341,8 @@ def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, te
             for edge in (window.start - 0.5, window.stop - 0.5):
                 if -0.5 < edge < n - 0.5:
                     ax.axvline(edge, color="#888", ls="--", lw=0.8)
-            ax.text((window.start + window.stop - 1) / 2, 1.0, word + " third", ha="center", va="top", fontsize=7,
-                    color="#555")
+            ax.text((window.start + window.stop - 1) / 2, 0.02, word + " third", ha="center", va="bottom",
+                    fontsize=7, color="#555", transform=ax.get_xaxis_transform())
         for j, s in enumerate(series):
             mean, low, high = _as_band(s["curves"][name])
             colour = s.get("colour", f"C{j}")
@@ -327,8 +353,11 @@ def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, te
         if not any(np.isfinite(_as_band(s["curves"][name])[0]).any() for s in series):
             ax.text(0.5, 0.5, "undefined\n(no such segments, or no saliency)", transform=ax.transAxes, ha="center",
                     va="center", fontsize=8, color="#777")
-        ax.set_title(CURVE_NAMES[name], fontsize=8.5, pad=3)
-        ax.set_ylim(-0.02, 1.06)
+        ax.set_title(CURVE_NAMES[name].format(w=thresholds.get("recent_window", 2)), fontsize=8.5, pad=3)
+        # Shares live in [0, 1]; zoom in when the curves stay low so that small changes show.
+        tops = [np.nanmax(b) for s in series for b in _as_band(s["curves"][name]) if b is not None
+                and np.isfinite(b).any()]
+        ax.set_ylim(0, min(1.0, max(0.1, 1.2 * max(tops, default=1.0))) * 1.04)
         ax.set_xlim(-0.5, n - 0.5)
         ax.set_xlabel("layer", fontsize=8, labelpad=1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
@@ -336,13 +365,13 @@ def _draw_curves(canvas, top, width, series, thresholds=None, highlight=None, te
         ax.grid(alpha=0.25)
         handles, labels = ax.get_legend_handles_labels()
         if handles:
-            ax.legend(handles, labels, fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
-                      frameon=False)
+            ax.legend(handles, labels, fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                      ncol=2 if len(handles) <= 6 else 3, frameon=False, columnspacing=1.0, handlelength=1.8)
     return _curves_height(text)
 
 
 def _curves_height(text):
-    return (0.2 + 0.16 * (text.count("\n") + 1) if text else 0.0) + 0.45 + 2.3 + 1.0
+    return (0.2 + 0.16 * (text.count("\n") + 1) if text else 0.0) + 0.6 + 2.3 + 1.1
 
 
 def plot_curves(path, series, title=None, verdict_lines=(), thresholds=None, highlight=None, width=13.0):
@@ -403,9 +432,10 @@ def plot_side_by_side(path, before, after, labels, layers, title=None, layer_not
             else:
                 im = handle
     bar_top = top0 + n * p + (n - 1) * gap_y + 0.62
-    _colorbar(canvas.fig, im, canvas.rect(left + 0.2, bar_top, 2 * p + gap_x - 0.4, 0.13), False, horizontal=True)
+    _colorbar(canvas.fig, im, canvas.rect(left + 0.2, bar_top, 2 * p + gap_x - 0.4, 0.13), False, horizontal=True,
+              values=np.concatenate([before[layers].ravel(), after[layers].ravel()]))
     _colorbar(canvas.fig, dim, canvas.rect(left + 2 * (p + gap_x) + 0.35 + 0.1, bar_top, p - 0.2, 0.13), True,
-              "after − before, pp (symlog)", horizontal=True)
+              "after − before, percentage points", horizontal=True, values=diff)
     if title:
         canvas.text(0.15, 0.12, title, fontsize=10, ha="left")
     canvas.text(0.15, 0.38, "rows: query segment · columns: key segment · red: the share grew, blue: it shrank",
