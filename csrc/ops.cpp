@@ -11,7 +11,8 @@ TORCH_LIBRARY(stepflow, m) {
   // M[b, a, c] of design.md 2.2 for one layer, raw sums, fp32 (B, S, S).
   m.def(
       "step_saliency_pool(Tensor q, Tensor k, Tensor v, Tensor grad_out, Tensor seg_ids, "
-      "int num_segments, float scale, str head_reduction=\"sum_abs\", Tensor? lse=None) -> Tensor");
+      "int num_segments, float scale, str head_reduction=\"sum_abs\", Tensor? lse=None, "
+      "Tensor? oeb_seg_start=None, float oeb_strength=0.0, int oeb_num_sink=1) -> Tensor");
   // Odds-Equal Bridge attention (design.md 2.3): (out, lse, stats=(p_C, p_X)).
   m.def(
       "oeb_attention(Tensor q, Tensor k, Tensor v, Tensor seg_start, Tensor kv_start, "
