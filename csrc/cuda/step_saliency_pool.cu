@@ -3,7 +3,8 @@
 //
 //   M[b, a, c] = sum_{i: seg(i)=a} sum_{j <= i: seg(j)=c} I_ij,
 //   I_ij = | sum_h A'^h_ij (dO^h_i . v^{g(h)}_j) |  ("sum_abs")   or   sum_h | ... |  ("abs_sum"),
-//   A = exp(scale q.k - lse) over causal valid keys; A' = A r_g(i, j) with OEB, else A' = A.
+//   A = exp(scale q.k - lse) over causal valid keys; A' = A r_g(i, j) with OEB (r_g = p'_g / p_g of
+//   the key's group, design.md 2.3), else A' = A.
 //
 // Flash-attention structure, no T x T buffer:
 //
@@ -340,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) bounds_kernel(const int32_t* seg, in
   }
 }
 
-// Pass 1: lse and the OEB factors. Grid (query blocks, H, B).
+// Pass 1: lse and the OEB shifts. Grid (query blocks, H, B).
 template <typename T, int DC>
 __global__ void __launch_bounds__(kThreads) stats_kernel(const Params<T, typename Acc<T>::type> p) {
   using A = typename Acc<T>::type;
