@@ -1,0 +1,842 @@
+// CUDA kernel of stepflow::step_saliency_pool (design.md 2.2), with the optional OEB rebalance
+// (design.md 2.3) of a layer where the Odds-Equal Bridge is active.
+//
+//   M[b, a, c] = sum_{i: seg(i)=a} sum_{j <= i: seg(j)=c} I_ij,
+//   I_ij = | sum_h A'^h_ij (dO^h_i . v^{g(h)}_j) |  ("sum_abs")   or   sum_h | ... |  ("abs_sum"),
+//   A = exp(scale q.k - lse) over causal valid keys; A' = A r_g(i, j) with OEB (r_g = p'_g / p_g of
+//   the key's group, design.md 2.3), else A' = A.
+//
+// Flash-attention structure, no T x T buffer:
+//
+// 1. stats kernel (only when lse is not given, or with OEB): CTA = (batch row, head, block of 64
+//    queries); over key tiles of 64 it forms S = q K^T (tensor cores for bf16/fp16) and keeps
+//    per query three online softmax states (running max and sum): all keys, C keys, X keys. It
+//    writes lse (unless given) and, with OEB, the rebalance in the log domain (in double):
+//    log p_g = m_g + log l_g - lse (so with a given lse, p_g = sum_g exp(s - lse), as the CPU
+//    kernel does), log p'_g from design.md 2.3, and per (row, head) the exponent shifts
+//    shift_g = m_g + log l_g - log p'_g, so that A'_ij = exp(scale s_ij - shift_g) exactly. Each
+//    group has its own max, so a group far below the row's max (score gaps beyond exp's range,
+//    where p_g underflows in fp32 but the rebalance lifts it) is still resolved.
+// 2. main kernel: CTA = (batch row, block of 64 queries), 8 warps; for each key tile of 64 the
+//    heads are looped inside (the K/V tile of a kv head is loaded once for its group of query
+//    heads when d fits one chunk): S = q K^T and G = dO V^T (wmma 16x16x16 bf16/fp16 with fp32
+//    accumulation; exact-FMA tiles for fp32 / fp64), then per element P' = exp(scale S - shift)
+//    (shift = lse, or the OEB shift of the element's group), times G, summed over heads in
+//    registers (sum_abs: signed, abs_sum: |.|).
+//    Each warp owns a 16 x 32 strip of the 64 x 64 tile; each lane one row and 2 x 8 columns.
+// 3. binning: query rows and key columns of the tile are split into runs of one segment
+//    (usually one or two); each lane merges its columns by run, a warp whose lanes all hold the
+//    same (row run, column run) pair reduces with shuffles, and the (row run x column run) bins
+//    of the tile are summed in shared memory (fp32, fp64 for fp64) before one fp64 atomicAdd per
+//    non-zero bin into the (B, S, S) fp64 map, converted to fp32 at the end.
+//
+// Head dims: any d; the smem tile holds DC columns (64 or 128 for bf16/fp16, 64 for fp32, 32
+// for fp64), zero-padded, and larger d runs in chunks of DC (accumulating S and G in the
+// fragments). d = 64 and d = 128 run in one chunk with compile-time trip counts.
+//
+// Conventions (the CPU kernel's): padding (seg -1) is excluded as query and key; OEB sinks are
+// the key positions [lo, lo + num_sink) of the row's first valid position lo (its OEB kv_start),
+// C = [seg_start(i), i] minus sinks, X = [lo, seg_start(i)) minus sinks, seg_start -1 = not
+// rebalanced; A' = A unless p_X > 0 and p_C > p_X.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+#include "stepflow.h"
+
+namespace stepflow {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kBlock = 64;    // queries per CTA and keys per tile
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kStageLd = 20;  // fp32 staging tile of one warp: 16 x 16, leading dim 20
+constexpr int kStageFloats = 16 * kStageLd;
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+constexpr bool kWmma = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+// Raw bits of one element (tiles are copied and zero-filled bit-wise).
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+
+// Dynamic shared memory layout of both kernels (every region a multiple of 128 bytes).
+template <typename T, int DC>
+struct Layout {
+  using A = typename Acc<T>::type;
+  static constexpr int kLd = DC + 16 / static_cast<int>(sizeof(T));  // +16 bytes per row: fewer bank conflicts
+  static constexpr size_t kTile = size_t(kBlock) * kLd * sizeof(T);
+  // main kernel: Q, dO, K, V tiles | staging (wmma) | bins | per-row lse, shift_C, shift_X | ints
+  static constexpr size_t kStage = 4 * kTile;
+  static constexpr size_t kStageBytes = kWmma<T> ? size_t(kWarps) * 2 * kStageFloats * sizeof(float) : 0;
+  static constexpr size_t kBins = kStage + kStageBytes;
+  static constexpr size_t kRowA = kBins + size_t(kBlock) * kBlock * sizeof(A);
+  static constexpr size_t kInts = kRowA + 3 * kBlock * sizeof(A);
+  static constexpr size_t kMainBytes = kInts + (7 * kBlock + 4) * sizeof(int);
+  // stats kernel: Q, K tiles | staging (wmma) | combine buffer | ints
+  static constexpr size_t kSStage = 2 * kTile;
+  static constexpr size_t kSStageBytes = kWmma<T> ? size_t(kWarps) * kStageFloats * sizeof(float) : 0;
+  static constexpr size_t kSComb = kSStage + kSStageBytes;
+  static constexpr size_t kSInts = kSComb + 6 * kBlock * sizeof(A);
+  static constexpr size_t kStatsBytes = kSInts + 3 * kBlock * sizeof(int);
+  static_assert(kTile % 128 == 0 && kStageBytes % 128 == 0 && kSStageBytes % 128 == 0, "alignment");
+};
+
+template <typename E, typename A>  // E: element type of q, k, v, dO
+struct Params {
+  const E* q;             // (B, H, T, d)
+  const E* k;             // (B, Hkv, T, d)
+  const E* v;             // (B, Hkv, T, d)
+  const E* o;             // grad_out (B, H, T, d)
+  const int32_t* seg;     // (B, T)
+  const int32_t* ss;      // OEB seg_start (B, T), or null
+  const int32_t* bounds;  // (B, 2): first valid position, last valid position + 1
+  const A* lse;           // (B, H, T): the given lse, or the stats kernel's output
+  A* lse_out;             // stats kernel: where lse goes (null when given)
+  A* shift;               // (B, H, T, 2) OEB exponent shifts (shift_C, shift_X), or null
+  double* M;              // (B, S, S)
+  int64_t B, H, Hkv, T, d, S;
+  int nchunks;            // ceil(d / DC)
+  bool vec;               // 16-byte loads allowed
+  bool sum_abs;
+  A scale;
+  int64_t num_sink;       // clamped to T
+  double strength;
+};
+
+// ---------------------------------------------------------------- device helpers
+
+// Rows [0, 64) x columns [col0, col0 + DC) of a (rows_avail x d) row-major matrix into smem
+// (ld Ld), zero outside.
+template <typename T, int DC, int Ld>
+__device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restrict__ src, int64_t rows_avail,
+                                          int64_t d, int64_t col0, bool vec) {
+  if (vec) {
+    constexpr int V = 16 / sizeof(T), VPR = DC / V;
+    for (int idx = threadIdx.x; idx < kBlock * VPR; idx += kThreads) {
+      const int r = idx / VPR, cv = (idx % VPR) * V;
+      const int64_t col = col0 + cv;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (r < rows_avail && col < d) val = *reinterpret_cast<const uint4*>(src + r * d + col);
+      *reinterpret_cast<uint4*>(dst + r * Ld + cv) = val;
+    }
+  } else {
+    const Bits<T>* s = reinterpret_cast<const Bits<T>*>(src);
+    Bits<T>* t = reinterpret_cast<Bits<T>*>(dst);
+    for (int idx = threadIdx.x; idx < kBlock * DC; idx += kThreads) {
+      const int r = idx / DC, c = idx % DC;
+      const int64_t col = col0 + c;
+      t[r * Ld + c] = (r < rows_avail && col < d) ? s[r * d + col] : Bits<T>(0);
+    }
+  }
+}
+
+// Runs of one segment along 64 positions (by one warp): run[x] = index of x's run (-1 for
+// padding), run_seg[run] = its segment, *count = number of runs. Padding splits runs.
+__device__ __forceinline__ void runs64(const int* seg, int* run, int* run_seg, int* count) {
+  const int lane = threadIdx.x & 31;
+  int base = 0;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int x = half * 32 + lane;
+    const int s = seg[x], prev = x > 0 ? seg[x - 1] : -1;
+    const bool start = s >= 0 && s != prev;
+    const unsigned bal = __ballot_sync(0xffffffffu, start);
+    const int idx = base + __popc(bal & ((2u << lane) - 1u)) - 1;  // starts at or before x, minus 1
+    run[x] = s >= 0 ? idx : -1;
+    if (start) run_seg[idx] = s;
+    base += __popc(bal);
+  }
+  if (lane == 0) *count = base;
+}
+
+__device__ __forceinline__ float exp_a(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_a(double x) { return exp(x); }
+__device__ __forceinline__ float log_a(float x) { return __logf(x); }
+__device__ __forceinline__ double log_a(double x) { return log(x); }
+
+// Online softmax state: running max m (-inf: empty) and sum l of exp(s - m).
+template <typename A>
+struct Soft {
+  A m, l;
+  __device__ Soft() : m(-INFINITY), l(0) {}
+  // Adds the elements of x selected by mask.
+  __device__ __forceinline__ void add(const A (&x)[16], uint32_t mask) {
+    A mx = -INFINITY;
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      if ((mask >> e) & 1u) mx = x[e] > mx ? x[e] : mx;
+    }
+    if (mx > m) {  // rescale to the new max (m = -inf: l is 0, exp(-inf) = 0)
+      l *= exp_a(m - mx);
+      m = mx;
+    }
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      if ((mask >> e) & 1u) l += exp_a(x[e] - m);
+    }
+  }
+  __device__ __forceinline__ void merge(A m2, A l2) {
+    const A mm = m > m2 ? m : m2;
+    if (mm == -INFINITY) return;  // both empty
+    l = l * exp_a(m - mm) + l2 * exp_a(m2 - mm);
+    m = mm;
+  }
+  __device__ __forceinline__ void merge_lane_xor1() {
+    const A m2 = __shfl_xor_sync(0xffffffffu, m, 1), l2 = __shfl_xor_sync(0xffffffffu, l, 1);
+    merge(m2, l2);
+  }
+  // log of the group's sum of exp(s) (-inf when empty), in double.
+  __device__ __forceinline__ double log_sum() const {
+    return m == -INFINITY ? -HUGE_VAL : static_cast<double>(m) + log(static_cast<double>(l));
+  }
+};
+
+__device__ __forceinline__ double softplus(double x) { return x > 0 ? x + log1p(exp(-x)) : log1p(exp(x)); }
+
+// Per-lane ownership of the 64 x 64 tile: warp w has rows 16 (w / 2) .. + 16 and the two 16-col
+// sub-tiles 2 (w % 2) and 2 (w % 2) + 1; lane l has row l / 2 of them and columns 8 (l % 2) ..
+// + 8 of each sub-tile: element e = 8 t + u <-> (row, col_of(t, u)).
+struct Owner {
+  int warp, lane, sr, sc0, r, lc;
+  __device__ Owner() {
+    warp = threadIdx.x >> 5;
+    lane = threadIdx.x & 31;
+    sr = warp >> 1;
+    sc0 = (warp & 1) * 2;
+    r = sr * 16 + (lane >> 1);
+    lc = (lane & 1) * 8;
+  }
+  __device__ int col(int t, int u) const { return (sc0 + t) * 16 + lc + u; }
+};
+
+// Accumulates the lane's S (and G) values over one chunk: exact FMA tiles (fp32 / fp64).
+template <typename T, int DC, int Ld, bool WithG>
+__device__ __forceinline__ void fma_chunk(const Owner& w, const T* Qs, const T* Ks, const T* Os, const T* Vs,
+                                          int kend, T (&S)[16], T (&G)[16]) {
+  constexpr int VK = 16 / sizeof(T);
+  for (int k = 0; k < kend; k += VK) {
+    T qv[VK], ov[VK];
+#pragma unroll
+    for (int x = 0; x < VK; ++x) {
+      qv[x] = Qs[w.r * Ld + k + x];
+      if constexpr (WithG) ov[x] = Os[w.r * Ld + k + x];
+    }
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int c = w.col(t, u);
+#pragma unroll
+        for (int x = 0; x < VK; ++x) {
+          S[t * 8 + u] = fma(qv[x], Ks[c * Ld + k + x], S[t * 8 + u]);
+          if constexpr (WithG) G[t * 8 + u] = fma(ov[x], Vs[c * Ld + k + x], G[t * 8 + u]);
+        }
+      }
+    }
+  }
+}
+
+// The tensor-core path: one warp's two 16 x 16 sub-tiles of S (and G) over one chunk.
+template <typename T, int DC, int Ld, bool WithG>
+__device__ __forceinline__ void wmma_chunk(const Owner& w, const T* Qs, const T* Ks, const T* Os, const T* Vs,
+                                           int kend,
+                                           wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&fs)[2],
+                                           wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&fg)[2]) {
+#pragma unroll
+  for (int kk = 0; kk < DC / 16; ++kk) {
+    if (kk * 16 >= kend) break;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+    wmma::load_matrix_sync(fa, Qs + (w.sr * 16) * Ld + kk * 16, Ld);
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      wmma::load_matrix_sync(fb, Ks + ((w.sc0 + t) * 16) * Ld + kk * 16, Ld);  // K row-major = K^T col-major
+      wmma::mma_sync(fs[t], fa, fb, fs[t]);
+    }
+    if constexpr (WithG) {
+      wmma::load_matrix_sync(fa, Os + (w.sr * 16) * Ld + kk * 16, Ld);
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        wmma::load_matrix_sync(fb, Vs + ((w.sc0 + t) * 16) * Ld + kk * 16, Ld);
+        wmma::mma_sync(fg[t], fa, fb, fg[t]);
+      }
+    }
+  }
+}
+
+// The lane's 16 values of fragment pair t from the warp's staging area (ld kStageLd).
+__device__ __forceinline__ void unstage(const Owner& w, const float* st, int t, float (&out)[16]) {
+#pragma unroll
+  for (int u = 0; u < 8; ++u) out[t * 8 + u] = st[(w.r % 16) * kStageLd + w.lc + u];
+}
+
+// Valid (causal, non-padding, valid row) bits of the lane's 16 elements, and with OEB the C / X
+// group bits (sinks in neither).
+__device__ __forceinline__ void element_masks(const Owner& w, int64_t i, bool row_ok, int ssi, int64_t j0,
+                                              const int* colseg, bool oeb, int64_t sink_end, uint32_t& vmask,
+                                              uint32_t& cmask, uint32_t& xmask) {
+  vmask = cmask = xmask = 0;
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int c = w.col(t, u);
+      const int64_t j = j0 + c;
+      const uint32_t bit = 1u << (t * 8 + u);
+      if (row_ok && j <= i && colseg[c] >= 0) {
+        vmask |= bit;
+        if (oeb && ssi >= 0 && j >= sink_end) {
+          if (j >= ssi) {
+            cmask |= bit;
+          } else {
+            xmask |= bit;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- kernels
+
+// Row bounds: first valid position (T if none) and last valid position + 1 (0 if none).
+__global__ void __launch_bounds__(kThreads) bounds_kernel(const int32_t* seg, int64_t T, int32_t* bounds) {
+  __shared__ int lo, hi;
+  if (threadIdx.x == 0) lo = INT_MAX, hi = -1;
+  __syncthreads();
+  const int32_t* s = seg + blockIdx.x * T;
+  for (int64_t i = threadIdx.x; i < T; i += kThreads) {
+    if (s[i] >= 0) {
+      atomicMin(&lo, static_cast<int>(i));
+      atomicMax(&hi, static_cast<int>(i));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    bounds[2 * blockIdx.x] = hi < 0 ? static_cast<int32_t>(T) : lo;
+    bounds[2 * blockIdx.x + 1] = hi + 1;
+  }
+}
+
+// Pass 1: lse and the OEB shifts. Grid (query blocks, H, B).
+template <typename T, int DC>
+__global__ void __launch_bounds__(kThreads) stats_kernel(const Params<T, typename Acc<T>::type> p) {
+  using A = typename Acc<T>::type;
+  using L = Layout<T, DC>;
+  constexpr int Ld = L::kLd;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Ks = reinterpret_cast<T*>(smem + L::kTile);
+  float* stage = reinterpret_cast<float*>(smem + L::kSStage);
+  A* comb = reinterpret_cast<A*>(smem + L::kSComb);
+  int* s_rowseg = reinterpret_cast<int*>(smem + L::kSInts);
+  int* s_ss = s_rowseg + kBlock;
+  int* s_colseg = s_ss + kBlock;
+
+  const int64_t T_ = p.T, b = blockIdx.z, h = blockIdx.y;
+  const int64_t i0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlock;  // costliest blocks first
+  const int lo = p.bounds[2 * b], hi = p.bounds[2 * b + 1];
+  if (i0 >= hi || i0 + kBlock <= lo) return;
+  const int64_t g = h / (p.H / p.Hkv);
+  const int32_t* seg = p.seg + b * T_;
+  if (threadIdx.x < kBlock) {
+    const int64_t i = i0 + threadIdx.x;
+    s_rowseg[threadIdx.x] = i < T_ ? seg[i] : -1;
+    s_ss[threadIdx.x] = (p.ss != nullptr && i < T_) ? p.ss[b * T_ + i] : -1;
+  }
+  const Owner w;
+  const int64_t i = i0 + w.r;
+  const int64_t kt_begin = lo / kBlock, kt_end = (i0 + kBlock - 1 < hi - 1 ? i0 + kBlock - 1 : hi - 1) / kBlock;
+  const int64_t sink_end = lo + p.num_sink;
+  const bool oeb = p.shift != nullptr;
+  const T* qbase = p.q + ((b * p.H + h) * T_ + i0) * p.d;
+  Soft<A> all, cur, ctx;  // all keys, C keys, X keys
+
+  for (int64_t kt = kt_begin; kt <= kt_end; ++kt) {
+    const int64_t j0 = kt * kBlock;
+    const T* kbase = p.k + ((b * p.Hkv + g) * T_ + j0) * p.d;
+    float sv[16];
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fs[2], fg[2];
+    T S[16], G[16];
+    if constexpr (kWmma<T>) {
+      wmma::fill_fragment(fs[0], 0.f);
+      wmma::fill_fragment(fs[1], 0.f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 16; ++e) S[e] = T(0);
+    }
+    for (int c = 0; c < p.nchunks; ++c) {
+      const int64_t col0 = static_cast<int64_t>(c) * DC;
+      __syncthreads();  // the previous step's readers of the tiles are done
+      if (p.nchunks > 1 || kt == kt_begin) load_tile<T, DC, Ld>(Qs, qbase, T_ - i0, p.d, col0, p.vec);
+      load_tile<T, DC, Ld>(Ks, kbase, T_ - j0, p.d, col0, p.vec);
+      if (c == 0 && threadIdx.x < kBlock) {
+        const int64_t j = j0 + threadIdx.x;
+        s_colseg[threadIdx.x] = j < T_ ? seg[j] : -1;
+      }
+      __syncthreads();
+      const int64_t left = p.d - col0;
+      const int kend = static_cast<int>(left < DC ? left : DC);
+      if constexpr (kWmma<T>) {
+        wmma_chunk<T, DC, Ld, false>(w, Qs, Ks, nullptr, nullptr, kend, fs, fg);
+      } else {
+        fma_chunk<T, DC, Ld, false>(w, Qs, Ks, nullptr, nullptr, (kend + 16 / int(sizeof(T)) - 1) /
+                                    (16 / int(sizeof(T))) * (16 / int(sizeof(T))), S, G);
+      }
+    }
+    if constexpr (kWmma<T>) {
+      float* st = stage + w.warp * kStageFloats;
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        wmma::store_matrix_sync(st, fs[t], kStageLd, wmma::mem_row_major);
+        __syncwarp();
+        unstage(w, st, t, sv);
+        __syncwarp();
+      }
+    }
+    const int a_seg = s_rowseg[w.r], ssi = s_ss[w.r];
+    uint32_t vmask, cmask, xmask;
+    element_masks(w, i, a_seg >= 0 && i < T_, ssi, j0, s_colseg, oeb, sink_end, vmask, cmask, xmask);
+    A s[16];
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      if constexpr (kWmma<T>) {
+        s[e] = static_cast<A>(sv[e]) * p.scale;
+      } else {
+        s[e] = static_cast<A>(S[e]) * p.scale;
+      }
+    }
+    all.add(s, vmask);
+    if (oeb) {
+      cur.add(s, cmask);
+      ctx.add(s, xmask);
+    }
+  }
+
+  // Four threads hold parts of each row: lanes 2k, 2k + 1 of warps 2q, 2q + 1.
+  all.merge_lane_xor1();
+  cur.merge_lane_xor1();
+  ctx.merge_lane_xor1();
+  if ((w.warp & 1) && !(w.lane & 1)) {
+    A* c6 = comb + 6 * w.r;
+    c6[0] = all.m, c6[1] = all.l, c6[2] = cur.m, c6[3] = cur.l, c6[4] = ctx.m, c6[5] = ctx.l;
+  }
+  __syncthreads();
+  if ((w.warp & 1) || (w.lane & 1)) return;
+  {
+    const A* c6 = comb + 6 * w.r;
+    all.merge(c6[0], c6[1]);
+    cur.merge(c6[2], c6[3]);
+    ctx.merge(c6[4], c6[5]);
+  }
+  if (i >= T_ || s_rowseg[w.r] < 0) return;
+  const int64_t idx = (b * p.H + h) * T_ + i;
+  const A lse = p.lse_out != nullptr ? all.m + log_a(all.l) : p.lse[idx];
+  if (p.lse_out != nullptr) p.lse_out[idx] = lse;
+  if (oeb) {
+    // The rebalance of design.md 2.3 in the log domain: lp_g = log p_g (-inf for an empty group).
+    const double lz_c = cur.log_sum(), lz_x = ctx.log_sum();
+    const double lp_c = lz_c - static_cast<double>(lse), lp_x = lz_x - static_cast<double>(lse);
+    double shift_c = lse, shift_x = lse;  // not locked in: A' = A
+    if (lz_x > -HUGE_VAL && lp_c > lp_x) {  // p_X > 0 and p_C > p_X
+      const double new_log_odds = (1.0 - p.strength) * (lp_c - lp_x);  // log o' = (1 - lambda) log o
+      const double log_mass = lp_c + log1p(exp(lp_x - lp_c));            // log (p_C + p_X)
+      const double new_lp_c = log_mass - softplus(-new_log_odds);        // log (M o' / (1 + o'))
+      const double new_lp_x = log_mass - softplus(new_log_odds);         // log (M / (1 + o'))
+      shift_c = lz_c - new_lp_c;  // exp(s - shift_c) = A r_C
+      shift_x = lz_x - new_lp_x;
+    }
+    p.shift[2 * idx + 0] = static_cast<A>(shift_c);
+    p.shift[2 * idx + 1] = static_cast<A>(shift_x);
+  }
+}
+
+// Pass 2: the map. Grid (query blocks, B).
+// Two CTAs per SM for the tensor-core path (<= 128 registers; 2 x ~109 KB of smem fit an H100):
+// one CTA's tile loads overlap the other's math (the loads are synchronous, not pipelined).
+// This costs ~100 bytes of register spills per thread (sm_90); without the 2 the kernel uses
+// ~172 registers, no spills, one CTA per SM. Which is faster is to be measured on the GPU.
+template <typename T, int DC>
+__global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(const Params<T, typename Acc<T>::type> p) {
+  using A = typename Acc<T>::type;
+  using L = Layout<T, DC>;
+  constexpr int Ld = L::kLd;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);
+  T* Os = reinterpret_cast<T*>(smem + L::kTile);
+  T* Ks = reinterpret_cast<T*>(smem + 2 * L::kTile);
+  T* Vs = reinterpret_cast<T*>(smem + 3 * L::kTile);
+  float* stage = reinterpret_cast<float*>(smem + L::kStage);
+  A* bins = reinterpret_cast<A*>(smem + L::kBins);
+  A* s_lse = reinterpret_cast<A*>(smem + L::kRowA);
+  A* s_shc = s_lse + kBlock;  // OEB shifts of the current head's rows
+  A* s_shx = s_shc + kBlock;
+  int* s_rowseg = reinterpret_cast<int*>(smem + L::kInts);
+  int* s_rowrun = s_rowseg + kBlock;
+  int* s_rrseg = s_rowrun + kBlock;
+  int* s_colseg = s_rrseg + kBlock;
+  int* s_colrun = s_colseg + kBlock;
+  int* s_crseg = s_colrun + kBlock;
+  int* s_ss = s_crseg + kBlock;
+  int* s_cnt = s_ss + kBlock;  // [0] row runs, [1] column runs
+
+  const int64_t T_ = p.T, b = blockIdx.y;
+  const int64_t i0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlock;  // costliest blocks first
+  const int lo = p.bounds[2 * b], hi = p.bounds[2 * b + 1];
+  if (i0 >= hi || i0 + kBlock <= lo) return;
+  const int64_t group = p.H / p.Hkv;
+  const int32_t* seg = p.seg + b * T_;
+  if (threadIdx.x < kBlock) {
+    const int64_t i = i0 + threadIdx.x;
+    s_rowseg[threadIdx.x] = i < T_ ? seg[i] : -1;
+    s_ss[threadIdx.x] = (p.ss != nullptr && i < T_) ? p.ss[b * T_ + i] : -1;
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) runs64(s_rowseg, s_rowrun, s_rrseg, &s_cnt[0]);
+
+  const Owner w;
+  const int64_t i = i0 + w.r;
+  const int64_t kt_begin = lo / kBlock, kt_end = (i0 + kBlock - 1 < hi - 1 ? i0 + kBlock - 1 : hi - 1) / kBlock;
+  const int64_t sink_end = lo + p.num_sink;
+  const bool oeb = p.shift != nullptr;
+
+  for (int64_t kt = kt_begin; kt <= kt_end; ++kt) {
+    const int64_t j0 = kt * kBlock;
+    __syncthreads();  // the previous tile's binning is done with the column info and the bins
+    if (threadIdx.x < kBlock) {
+      const int64_t j = j0 + threadIdx.x;
+      s_colseg[threadIdx.x] = j < T_ ? seg[j] : -1;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) runs64(s_colseg, s_colrun, s_crseg, &s_cnt[1]);  // read after later barriers
+    const int a_seg = s_rowseg[w.r], ssi = s_ss[w.r];
+    uint32_t vmask, cmask, xmask;
+    element_masks(w, i, a_seg >= 0 && i < T_, ssi, j0, s_colseg, oeb, sink_end, vmask, cmask, xmask);
+    A acc[16];
+#pragma unroll
+    for (int e = 0; e < 16; ++e) acc[e] = 0;
+
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t g = h / group;
+      const T* qbase = p.q + ((b * p.H + h) * T_ + i0) * p.d;
+      const T* obase = p.o + ((b * p.H + h) * T_ + i0) * p.d;
+      const T* kbase = p.k + ((b * p.Hkv + g) * T_ + j0) * p.d;
+      const T* vbase = p.v + ((b * p.Hkv + g) * T_ + j0) * p.d;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fs[2], fg[2];
+      T S[16], G[16];
+      if constexpr (kWmma<T>) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) wmma::fill_fragment(fs[t], 0.f), wmma::fill_fragment(fg[t], 0.f);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 16; ++e) S[e] = T(0), G[e] = T(0);
+      }
+      for (int c = 0; c < p.nchunks; ++c) {
+        const int64_t col0 = static_cast<int64_t>(c) * DC;
+        __syncthreads();  // the previous step's readers of the tiles (and of s_lse, s_shc, s_shx) are done
+        if (p.nchunks > 1 || h % group == 0) {  // one chunk: K, V stay for the whole kv group
+          load_tile<T, DC, Ld>(Ks, kbase, T_ - j0, p.d, col0, p.vec);
+          load_tile<T, DC, Ld>(Vs, vbase, T_ - j0, p.d, col0, p.vec);
+        }
+        load_tile<T, DC, Ld>(Qs, qbase, T_ - i0, p.d, col0, p.vec);
+        load_tile<T, DC, Ld>(Os, obase, T_ - i0, p.d, col0, p.vec);
+        if (c == 0 && threadIdx.x < kBlock) {
+          const int64_t ii = i0 + threadIdx.x;
+          const int64_t idx = (b * p.H + h) * T_ + ii;
+          const A lse = ii < T_ ? p.lse[idx] : A(0);
+          s_lse[threadIdx.x] = lse;
+          s_shc[threadIdx.x] = (oeb && ii < T_) ? p.shift[2 * idx + 0] : lse;
+          s_shx[threadIdx.x] = (oeb && ii < T_) ? p.shift[2 * idx + 1] : lse;
+        }
+        __syncthreads();
+        const int64_t left = p.d - col0;
+        const int kend = static_cast<int>(left < DC ? left : DC);
+        if constexpr (kWmma<T>) {
+          wmma_chunk<T, DC, Ld, true>(w, Qs, Ks, Os, Vs, kend, fs, fg);
+        } else {
+          constexpr int VK = 16 / sizeof(T);
+          fma_chunk<T, DC, Ld, true>(w, Qs, Ks, Os, Vs, (kend + VK - 1) / VK * VK, S, G);
+        }
+      }
+      // P' * G for the lane's elements, summed over heads
+      const A lse = s_lse[w.r], shc = s_shc[w.r], shx = s_shx[w.r];
+      auto add = [&](int e, A s, A g) {
+        if (!((vmask >> e) & 1u)) return;
+        const A shift = ((cmask >> e) & 1u) ? shc : (((xmask >> e) & 1u) ? shx : lse);
+        const A x = exp_a(s * p.scale - shift) * g;
+        acc[e] += p.sum_abs ? x : fabs(x);
+      };
+      if constexpr (kWmma<T>) {
+        // one 16 x 16 sub-tile at a time through the warp's staging area (fewer live registers)
+        float* st = stage + w.warp * 2 * kStageFloats;
+        const float* mine = st + (w.r % 16) * kStageLd + w.lc;
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          wmma::store_matrix_sync(st, fs[t], kStageLd, wmma::mem_row_major);
+          wmma::store_matrix_sync(st + kStageFloats, fg[t], kStageLd, wmma::mem_row_major);
+          __syncwarp();
+#pragma unroll
+          for (int u = 0; u < 8; ++u) add(t * 8 + u, mine[u], mine[kStageFloats + u]);
+          __syncwarp();
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 16; ++e) add(e, S[e], G[e]);
+      }
+    }
+
+    // Binning: bins[row run][column run] of this tile in smem, then one atomic per bin.
+    __syncthreads();  // the column runs (warp 0) are visible
+    const int n_rr = s_cnt[0], n_cr = s_cnt[1];
+    for (int x = threadIdx.x; x < n_rr * n_cr; x += kThreads) bins[x] = 0;
+    __syncthreads();
+    const int rr = s_rowrun[w.r];
+    int key = -1;
+    A sum = 0;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int e = t * 8 + u;
+        if (!((vmask >> e) & 1u)) continue;
+        const int k = rr * n_cr + s_colrun[w.col(t, u)];
+        const A val = p.sum_abs ? fabs(acc[e]) : acc[e];
+        if (k == key) {
+          sum += val;
+        } else {
+          if (key >= 0) atomicAdd(&bins[key], sum);
+          key = k, sum = val;
+        }
+      }
+    }
+    // The usual case: the whole warp is left with one (row run, column run) pair.
+    const unsigned has = __ballot_sync(0xffffffffu, key >= 0);
+    if (has != 0u) {
+      const int leader_key = __shfl_sync(0xffffffffu, key, __ffs(has) - 1);
+      if (__all_sync(0xffffffffu, key < 0 || key == leader_key)) {
+        A s = key >= 0 ? sum : A(0);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (w.lane == 0) atomicAdd(&bins[leader_key], s);
+      } else if (key >= 0) {
+        atomicAdd(&bins[key], sum);
+      }
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < n_rr * n_cr; x += kThreads) {
+      const A val = bins[x];
+      if (val != A(0)) {
+        atomicAdd(p.M + (b * p.S + s_rrseg[x / n_cr]) * p.S + s_crseg[x % n_cr], static_cast<double>(val));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- host side
+
+template <typename T> struct DeviceType { using type = T; };
+template <> struct DeviceType<at::Half> { using type = __half; };
+template <> struct DeviceType<at::BFloat16> { using type = __nv_bfloat16; };
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, int DC>
+void launch(Params<T, typename Acc<T>::type> p, bool stats, cudaStream_t stream) {
+  using L = Layout<T, DC>;
+  const int64_t nqb = (p.T + kBlock - 1) / kBlock;
+  const int optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(L::kMainBytes <= static_cast<size_t>(optin), "step_saliency_pool (CUDA): needs ", L::kMainBytes,
+              " bytes of shared memory per block, the device allows ", optin);
+  if (stats) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(stats_kernel<T, DC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(L::kStatsBytes)));
+    stats_kernel<T, DC><<<dim3(nqb, p.H, p.B), kThreads, L::kStatsBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  C10_CUDA_CHECK(cudaFuncSetAttribute(saliency_kernel<T, DC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(L::kMainBytes)));
+  saliency_kernel<T, DC><<<dim3(nqb, p.B), kThreads, L::kMainBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The tile width DC for the dtype and head dim (a template, so that only these are instantiated).
+template <typename T>
+void run_typed(Params<T, typename Acc<T>::type> p, bool stats, cudaStream_t stream) {
+  if constexpr (kWmma<T>) {
+    if (p.d <= 64) {
+      p.nchunks = 1;
+      launch<T, 64>(p, stats, stream);
+    } else {
+      p.nchunks = static_cast<int>((p.d + 127) / 128);
+      launch<T, 128>(p, stats, stream);
+    }
+  } else if constexpr (std::is_same_v<T, float>) {
+    p.nchunks = static_cast<int>((p.d + 63) / 64);
+    launch<T, 64>(p, stats, stream);
+  } else {
+    p.nchunks = static_cast<int>((p.d + 31) / 32);
+    launch<T, 32>(p, stats, stream);
+  }
+}
+
+at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                   const at::Tensor& o_in, const at::Tensor& seg_ids, int64_t num_segments,
+                                   double scale, c10::string_view head_reduction, const std::optional<at::Tensor>& lse,
+                                   const std::optional<at::Tensor>& oeb_seg_start, double oeb_strength,
+                                   int64_t oeb_num_sink) {
+  const std::string reduction(head_reduction);
+  TORCH_CHECK(reduction == "sum_abs" || reduction == "abs_sum",
+              "step_saliency_pool: head_reduction must be 'sum_abs' or 'abs_sum', got '", reduction, "'");
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && o_in.dim() == 4,
+              "step_saliency_pool: q, k, v, grad_out must be 4-D (B, H, T, d), got ", q_in.sizes(), ", ",
+              k_in.sizes(), ", ", v_in.sizes(), ", ", o_in.sizes());
+  const auto device = q_in.device();
+  TORCH_CHECK(device.is_cuda(), "step_saliency_pool (CUDA kernel): q must be on a CUDA device, got ", device);
+  for (const at::Tensor* x : {&k_in, &v_in, &o_in, &seg_ids}) {
+    TORCH_CHECK(x->device() == device, "step_saliency_pool (CUDA kernel): all tensors must be on ", device,
+                " with q, got ", x->device());
+  }
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "step_saliency_pool: q must be float32, float16, bfloat16 or float64, got ", dtype);
+  TORCH_CHECK(k_in.scalar_type() == dtype && v_in.scalar_type() == dtype && o_in.scalar_type() == dtype,
+              "step_saliency_pool: q, k, v, grad_out must share one dtype, got ", dtype, ", ", k_in.scalar_type(),
+              ", ", v_in.scalar_type(), ", ", o_in.scalar_type());
+  const int64_t B = q_in.size(0), H = q_in.size(1), Tn = q_in.size(2), D = q_in.size(3), Hkv = k_in.size(1);
+  TORCH_CHECK(o_in.sizes() == q_in.sizes(), "step_saliency_pool: grad_out must have the shape of q ",
+              q_in.sizes(), ", got ", o_in.sizes());
+  TORCH_CHECK(k_in.sizes() == v_in.sizes(), "step_saliency_pool: k and v must have the same shape, got ",
+              k_in.sizes(), " and ", v_in.sizes());
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "step_saliency_pool: k must be (", B, ", H_kv, T, ", D,
+              ") to match q ", q_in.sizes(), ", got ", k_in.sizes());
+  TORCH_CHECK(k_in.size(2) == Tn, "step_saliency_pool: needs Tq == Tk, got q with ", Tn, " tokens and k with ",
+              k_in.size(2));
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "step_saliency_pool: the query heads (", H,
+              ") must be a multiple of the kv heads (", Hkv, ")");
+  TORCH_CHECK(D > 0, "step_saliency_pool: head dim must be positive");
+  TORCH_CHECK(num_segments >= 1, "step_saliency_pool: num_segments must be >= 1, got ", num_segments);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "step_saliency_pool: scale must be a positive number, got ",
+              scale);
+  TORCH_CHECK(seg_ids.scalar_type() == at::kLong || seg_ids.scalar_type() == at::kInt,
+              "step_saliency_pool: seg_ids must be int64 (or int32), got ", seg_ids.scalar_type());
+  TORCH_CHECK(seg_ids.dim() == 2 && seg_ids.size(0) == B && seg_ids.size(1) == Tn,
+              "step_saliency_pool: seg_ids must have shape (", B, ", ", Tn, "), got ", seg_ids.sizes());
+  TORCH_CHECK(Tn < INT_MAX && num_segments < INT_MAX, "step_saliency_pool (CUDA): T and num_segments must be < ",
+              INT_MAX);
+  TORCH_CHECK(B <= 65535 && H <= 65535, "step_saliency_pool (CUDA): at most 65535 batch rows and heads, got B = ",
+              B, ", H = ", H);
+  const at::cuda::CUDAGuard guard(device);
+  if (seg_ids.numel() > 0) {  // one device-to-host copy
+    const auto [mn, mx] = at::aminmax(seg_ids);
+    const at::Tensor range = at::stack({mn.to(at::kLong), mx.to(at::kLong)}).cpu();
+    const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
+    TORCH_CHECK(lo >= -1, "step_saliency_pool: seg_ids must be >= -1 (-1 marks padding), found ", lo);
+    TORCH_CHECK(hi < num_segments, "step_saliency_pool: seg_ids has segment id ", hi, " but num_segments is ",
+                num_segments);
+  }
+  const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor lse_c;
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->device() == device, "step_saliency_pool (CUDA kernel): lse must be on ", device, ", got ",
+                lse->device());
+    TORCH_CHECK(lse->scalar_type() == at::kFloat, "step_saliency_pool: lse must be float32, got ",
+                lse->scalar_type());
+    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == B && lse->size(1) == H && lse->size(2) == Tn,
+                "step_saliency_pool: lse must have shape (", B, ", ", H, ", ", Tn, "), got ", lse->sizes());
+    lse_c = lse->to(acc_dtype).contiguous();
+  }
+  TORCH_CHECK(oeb_strength >= 0 && oeb_strength <= 1, "step_saliency_pool: oeb_strength must be in [0, 1], got ",
+              oeb_strength);
+  TORCH_CHECK(oeb_num_sink >= 0, "step_saliency_pool: oeb_num_sink must be >= 0, got ", oeb_num_sink);
+  at::Tensor ss32;
+  if (oeb_seg_start.has_value()) {
+    const at::Tensor& x = *oeb_seg_start;
+    TORCH_CHECK(x.device() == device, "step_saliency_pool (CUDA kernel): oeb_seg_start must be on ", device,
+                ", got ", x.device());
+    TORCH_CHECK(x.scalar_type() == at::kLong || x.scalar_type() == at::kInt,
+                "step_saliency_pool: oeb_seg_start must be int64 (or int32), got ", x.scalar_type());
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.size(1) == Tn, "step_saliency_pool: oeb_seg_start must have shape (",
+                B, ", ", Tn, "), got ", x.sizes());
+    if (x.numel() > 0) {
+      const at::Tensor pos = at::arange(Tn, x.options().dtype(at::kLong));
+      const at::Tensor bad = (x < -1).logical_or(x > pos);
+      if (bad.any().item<bool>()) {
+        const at::Tensor where = bad.nonzero()[0].cpu();
+        const int64_t row = where[0].item<int64_t>(), col = where[1].item<int64_t>();
+        TORCH_CHECK(false, "step_saliency_pool: oeb_seg_start must be -1 or a key position in [0, i] for query i, got ",
+                    x[row][col].item<int64_t>(), " for query ", col, " of batch row ", row);
+      }
+    }
+    // strength 0 is the identity (A' = A): no rebalance to compute
+    if (oeb_strength > 0) ss32 = x.to(at::kInt).contiguous();
+  }
+
+  at::Tensor M = at::zeros({B, num_segments, num_segments}, q_in.options().dtype(at::kDouble));
+  if (B == 0 || H == 0 || Tn == 0) return M.to(at::kFloat);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor seg32 = seg_ids.to(at::kInt).contiguous();
+  at::Tensor bounds = at::empty({B, 2}, seg32.options());
+  bounds_kernel<<<B, kThreads, 0, stream>>>(seg32.data_ptr<int32_t>(), Tn, bounds.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), o = o_in.contiguous();
+  const bool oeb = ss32.defined();
+  const bool stats = !lse_c.defined() || oeb;
+  at::Tensor lse_buf = lse_c.defined() ? lse_c : at::empty({B, H, Tn}, q.options().dtype(acc_dtype));
+  at::Tensor shift_buf = oeb ? at::empty({B, H, Tn, 2}, q.options().dtype(acc_dtype)) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "step_saliency_pool_cuda", [&] {
+    using T = typename DeviceType<scalar_t>::type;
+    using A = typename Acc<T>::type;
+    Params<T, A> p;
+    p.q = reinterpret_cast<const T*>(q.data_ptr<scalar_t>());
+    p.k = reinterpret_cast<const T*>(k.data_ptr<scalar_t>());
+    p.v = reinterpret_cast<const T*>(v.data_ptr<scalar_t>());
+    p.o = reinterpret_cast<const T*>(o.data_ptr<scalar_t>());
+    p.seg = seg32.data_ptr<int32_t>();
+    p.ss = oeb ? ss32.data_ptr<int32_t>() : nullptr;
+    p.bounds = bounds.data_ptr<int32_t>();
+    p.lse = lse_buf.data_ptr<A>();
+    p.lse_out = lse_c.defined() ? nullptr : lse_buf.data_ptr<A>();
+    p.shift = oeb ? shift_buf.data_ptr<A>() : nullptr;
+    p.M = M.data_ptr<double>();
+    p.B = B, p.H = H, p.Hkv = Hkv, p.T = Tn, p.d = D, p.S = num_segments;
+    p.vec = D % (16 / sizeof(T)) == 0 && aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.o);
+    p.sum_abs = reduction == "sum_abs";
+    p.scale = static_cast<A>(scale);
+    p.num_sink = std::min(oeb_num_sink, Tn);
+    p.strength = oeb_strength;
+    run_typed<T>(p, stats, stream);
+  });
+  return M.to(at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(stepflow, CUDA, m) {
+  m.impl("step_saliency_pool", &step_saliency_pool_cuda);
+}
+
+}  // namespace stepflow
