@@ -19,12 +19,14 @@
 // exp(m_g + log r_g - lse) = p'_g / l_g <= 1, so nothing overflows however large r_X is.
 //
 // Two implementations of that row kernel:
-//   - tensor cores (bf16 / fp16, d <= 128, head dim bucket 64 or 128): each warp owns 16 rows,
-//     S = Q K^T and P V are warp-level m16n8k16 mma.sync products with fp32 accumulation, P
-//     goes from the S accumulators to the A operand in registers (as in flash-attention 2);
-//     1 warp per CTA for a few rows (decode), else 4;
-//   - scalar FMA (fp32 inputs, whose 2e-5 test tolerance rules out tf32, and any dtype with
-//     128 < d <= 256): fp32 tiles in shared memory, 8 lanes per row, float4 dot products.
+//   - tensor cores (bf16 / fp16, d <= 128, head dim bucket 64 or 128, 16-byte aligned rows):
+//     each warp owns 16 rows, S = Q K^T and P V are warp-level m16n8k16 mma.sync products with
+//     fp32 accumulation, P goes from the S accumulators to the A operand in registers (as in
+//     flash-attention 2); K / V tiles are double buffered with cp.async; 1 warp per CTA for a
+//     few rows (decode), else 4;
+//   - scalar FMA (fp32 inputs, whose 2e-5 test tolerance rules out tf32; any dtype with
+//     128 < d <= 256 or unaligned rows): fp32 tiles in shared memory, 8 lanes per row, float4
+//     dot products.
 //
 // Decode (few rows against a long KV cache): split-KV. Several CTAs per row block each take a
 // contiguous chunk of key tiles and write per-group partial states (m, l, U_X, U_C); a second
@@ -231,6 +233,40 @@ __device__ __forceinline__ void load_tile(Elem* s, int ld, int rows, RowPtr row_
       const Elem* src = row_ptr(r);
       s[r * ld + c] = (src != nullptr && c < d) ? src[c] : zero;
     }
+  }
+}
+
+// Asynchronous 16-byte global -> shared copies (cp.async, sm_80+). A copy with valid = false
+// reads nothing and fills 16 zero bytes (src-size 0); gmem must still be a valid address.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Issues the copies of `rows` rows (16-bit elements, 16-byte aligned rows of d elements, d a
+// multiple of 8) starting at global row `base` into a shared tile; rows >= valid_rows and
+// columns [d, D) are zero filled. Completes at cp_async_wait.
+template <typename Elem, int D>
+__device__ __forceinline__ void load_tile_async(Elem* s, int ld, int rows, const Elem* base, int valid_rows, int d) {
+  constexpr int CH = 16 / sizeof(Elem), CPR = D / CH;
+  for (int idx = threadIdx.x; idx < rows * CPR; idx += blockDim.x) {
+    const int r = idx / CPR, c = (idx % CPR) * CH;
+    const bool ok = r < valid_rows && c < d;
+    cp_async_16(s + r * ld + c, ok ? base + static_cast<int64_t>(r) * d + c : base, ok);
   }
 }
 
@@ -535,14 +571,15 @@ __device__ __forceinline__ float* part_record(const FwdParams& p, const BlockRow
   return p.part + ((static_cast<int64_t>(blockIdx.y) * p.B * p.Hkv + br.bk) * br.R + r) * part_fields(p.d);
 }
 
-// Tensor-core path (bf16 / fp16, head dim bucket D = 64 or 128). blockDim = 32 nw, nw = 1 (few
-// rows: decode) or 4; each warp owns 16 packed rows.
+// Tensor-core path (bf16 / fp16, head dim bucket D = 64 or 128, 16-byte aligned rows). blockDim =
+// 32 nw, nw = 1 (few rows: decode) or 4; each warp owns 16 packed rows. K and V tiles are double
+// buffered: the copies of tile t + 1 (cp.async) run while tile t is multiplied.
 template <int D>
 struct MmaFwdCfg {
   static constexpr int BN = D <= 64 ? 64 : 32;  // keys per tile (32 at D = 128 keeps two U's in registers)
   static constexpr int LD = D + 8;              // padded rows: conflict-free fragment loads
   static constexpr int kMinBlocks = 2;
-  static size_t smem(int nw) { return size_t(16 * nw + 2 * BN) * LD * 2; }
+  static size_t smem(int nw) { return size_t(16 * nw + 4 * BN) * LD * 2; }  // Q, then K, V twice
 };
 
 // acc[n] += P_slot V over one K/V tile, P_slot = the tile's probabilities masked to one slot
@@ -579,8 +616,7 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int BM = 16 * static_cast<int>(blockDim.x >> 5);
   Elem* sQ = reinterpret_cast<Elem*>(smem_raw);
-  Elem* sK = sQ + BM * LD;
-  Elem* sV = sK + BN * LD;
+  Elem* sKV = sQ + BM * LD;  // buffer b: K at sKV + 2 b BN LD, V right after it
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
   const BlockRows br = block_rows(p, BM);
@@ -591,7 +627,6 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
   const Elem* q = static_cast<const Elem*>(p.q);
   const Elem* kbase = static_cast<const Elem*>(p.k) + static_cast<int64_t>(br.bk) * p.Tk * p.d;
   const Elem* vbase = static_cast<const Elem*>(p.v) + static_cast<int64_t>(br.bk) * p.Tk * p.d;
-  const bool vec = p.vec != 0;
   const int d = p.d, kend = br.kend;
   load_tile<Elem, D>(
       sQ, LD, BM,
@@ -601,7 +636,14 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
         const int64_t h = static_cast<int64_t>(br.hk) * p.G + r / p.Tq;
         return q + ((static_cast<int64_t>(br.b) * p.H + h) * p.Tq + r % p.Tq) * d;
       },
-      d, vec);
+      d, /*vec=*/true);
+  auto issue_tile = [&](int tile, int buf) {
+    const int j0 = br.kvb + tile * BN;
+    Elem* sKb = sKV + 2 * buf * BN * LD;
+    load_tile_async<Elem, D>(sKb, LD, BN, kbase + static_cast<int64_t>(j0) * d, kend - j0, d);
+    load_tile_async<Elem, D>(sKb + BN * LD, LD, BN, vbase + static_cast<int64_t>(j0) * d, kend - j0, d);
+    cp_async_commit();
+  };
 
   float m[2][3], l[2][3];
 #pragma unroll
@@ -614,16 +656,18 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
 #pragma unroll
     for (int e = 0; e < 4; ++e) accX[n][e] = accC[n][e] = 0.f;
 
+  if (t_begin < t_end) issue_tile(t_begin, 0);
   for (int tile = t_begin; tile < t_end; ++tile) {
-    const int j0 = br.kvb + tile * BN;
-    __syncthreads();  // everyone is done with the previous tile (and sQ is written, first time)
-    load_tile<Elem, D>(
-        sK, LD, BN, [&](int rr) -> const Elem* { return j0 + rr < kend ? kbase + static_cast<int64_t>(j0 + rr) * d : nullptr; },
-        d, vec);
-    load_tile<Elem, D>(
-        sV, LD, BN, [&](int rr) -> const Elem* { return j0 + rr < kend ? vbase + static_cast<int64_t>(j0 + rr) * d : nullptr; },
-        d, vec);
-    __syncthreads();
+    const int j0 = br.kvb + tile * BN, buf = (tile - t_begin) & 1;
+    if (tile + 1 < t_end) {
+      issue_tile(tile + 1, buf ^ 1);  // its buffer was released by the barrier ending the last step
+      cp_async_wait<1>();             // this thread's copies of `tile` are done
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // everyone's copies of `tile` (and sQ, first time) are visible
+    const Elem* sK = sKV + 2 * buf * BN * LD;
+    const Elem* sV = sK + BN * LD;
 
     // Which slots does this tile touch for any row of the warp (warp-uniform)?
     bool has[3] = {false, false, false};
@@ -635,84 +679,86 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
       for (int s = 0; s < 3; ++s) has[s] = has[s] || (max(lo[s], j0) < min(hi[s], j0 + BN));
     }
     const bool any0 = __any_sync(kFull, has[0]), any1 = __any_sync(kFull, has[1]), any2 = __any_sync(kFull, has[2]);
-    if (!(any0 || any1 || any2)) continue;  // e.g. above the causal diagonal for this warp
-    const bool any[3] = {any0, any1, any2};
+    if (any0 || any1 || any2) {  // else e.g. above the causal diagonal for this warp
+      const bool any[3] = {any0, any1, any2};
 
-    // S = Q K^T for the warp's 16 rows, then in log2 units of the scaled scores.
-    float sc[NTN][4];
+      // S = Q K^T for the warp's 16 rows, then in log2 units of the scaled scores.
+      float sc[NTN][4];
 #pragma unroll
-    for (int nt = 0; nt < NTN; ++nt)
+      for (int nt = 0; nt < NTN; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sc[nt][e] = 0.f;
+        for (int e = 0; e < 4; ++e) sc[nt][e] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      typename O::A fa;
-      O::load_a(fa, sQ, LD, warp * 16, kk * 16);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        typename O::A fa;
+        O::load_a(fa, sQ, LD, warp * 16, kk * 16);
 #pragma unroll
-      for (int nt = 0; nt < NTN; ++nt) {
-        typename O::B fb;
-        O::load_b_nmajor(fb, sK, LD, nt * 8, kk * 16);
-        O::mma(sc[nt], fa, fb);
+        for (int nt = 0; nt < NTN; ++nt) {
+          typename O::B fb;
+          O::load_b_nmajor(fb, sK, LD, nt * 8, kk * 16);
+          O::mma(sc[nt], fa, fb);
+        }
       }
+      // Slot of every score: bit nt * 4 + e of mask[slot]; element e is row grp + 8 (e >> 1),
+      // key j0 + nt * 8 + 2 tig + (e & 1).
+      uint32_t mask[3] = {0u, 0u, 0u};
+#pragma unroll
+      for (int nt = 0; nt < NTN; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[nt][e] *= p.scale_log2;
+          const int s = slot_of(rc[e >> 1].rr, j0 + nt * 8 + 2 * tig + (e & 1));
+          const uint32_t bit = 1u << (nt * 4 + e);
+          if (s == 0) mask[0] |= bit;
+          if (s == 1) mask[1] |= bit;
+          if (s == 2) mask[2] |= bit;
+        }
+      // Online softmax per slot: new running max, rescale what was accumulated under the old one.
+#pragma unroll
+      for (int rho = 0; rho < 2; ++rho)
+#pragma unroll
+        for (int s = 0; s < 3; ++s) {
+          if (!any[s]) continue;  // warp-uniform
+          float mx = -CUDART_INF_F;
+#pragma unroll
+          for (int nt = 0; nt < NTN; ++nt)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2)
+              if ((mask[s] >> (nt * 4 + 2 * rho + e2)) & 1u) mx = fmaxf(mx, sc[nt][2 * rho + e2]);
+          mx = row_max<4>(mx);
+          const float m_new = fmaxf(m[rho][s], mx);
+          const float alpha = m[rho][s] == -CUDART_INF_F ? 0.f : exp2f(m[rho][s] - m_new);
+          m[rho][s] = m_new;
+          l[rho][s] *= alpha;
+          if (s == 1) {
+#pragma unroll
+            for (int n = 0; n < ND; ++n) accX[n][2 * rho] *= alpha, accX[n][2 * rho + 1] *= alpha;
+          }
+          if (s == 2) {
+#pragma unroll
+            for (int n = 0; n < ND; ++n) accC[n][2 * rho] *= alpha, accC[n][2 * rho + 1] *= alpha;
+          }
+        }
+      // P = exp2(s - m_slot) in place (0 outside the allowed keys); per-lane partial sums.
+#pragma unroll
+      for (int nt = 0; nt < NTN; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int rho = e >> 1;
+          const uint32_t bit = 1u << (nt * 4 + e);
+          const bool in0 = mask[0] & bit, in1 = mask[1] & bit, in2 = mask[2] & bit;
+          const float mm = in0 ? m[rho][0] : (in1 ? m[rho][1] : m[rho][2]);
+          const float pv = (in0 || in1 || in2) ? exp2f(sc[nt][e] - mm) : 0.f;
+          l[rho][0] += in0 ? pv : 0.f;
+          l[rho][1] += in1 ? pv : 0.f;
+          l[rho][2] += in2 ? pv : 0.f;
+          sc[nt][e] = pv;
+        }
+      // U_X += P_X V, U_C += P_C V (the sinks' U is recomputed in the epilogue).
+      if (any1) pv_accumulate<Elem, D, BN>(accX, sc, mask[1], sV, LD);
+      if (any2) pv_accumulate<Elem, D, BN>(accC, sc, mask[2], sV, LD);
     }
-    // Slot of every score: bit nt * 4 + e of mask[slot]; element e is row grp + 8 (e >> 1),
-    // key j0 + nt * 8 + 2 tig + (e & 1).
-    uint32_t mask[3] = {0u, 0u, 0u};
-#pragma unroll
-    for (int nt = 0; nt < NTN; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[nt][e] *= p.scale_log2;
-        const int s = slot_of(rc[e >> 1].rr, j0 + nt * 8 + 2 * tig + (e & 1));
-        const uint32_t bit = 1u << (nt * 4 + e);
-        if (s == 0) mask[0] |= bit;
-        if (s == 1) mask[1] |= bit;
-        if (s == 2) mask[2] |= bit;
-      }
-    // Online softmax per slot: new running max, rescale what was accumulated under the old one.
-#pragma unroll
-    for (int rho = 0; rho < 2; ++rho)
-#pragma unroll
-      for (int s = 0; s < 3; ++s) {
-        if (!any[s]) continue;  // warp-uniform
-        float mx = -CUDART_INF_F;
-#pragma unroll
-        for (int nt = 0; nt < NTN; ++nt)
-#pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2)
-            if ((mask[s] >> (nt * 4 + 2 * rho + e2)) & 1u) mx = fmaxf(mx, sc[nt][2 * rho + e2]);
-        mx = row_max<4>(mx);
-        const float m_new = fmaxf(m[rho][s], mx);
-        const float alpha = m[rho][s] == -CUDART_INF_F ? 0.f : exp2f(m[rho][s] - m_new);
-        m[rho][s] = m_new;
-        l[rho][s] *= alpha;
-        if (s == 1) {
-#pragma unroll
-          for (int n = 0; n < ND; ++n) accX[n][2 * rho] *= alpha, accX[n][2 * rho + 1] *= alpha;
-        }
-        if (s == 2) {
-#pragma unroll
-          for (int n = 0; n < ND; ++n) accC[n][2 * rho] *= alpha, accC[n][2 * rho + 1] *= alpha;
-        }
-      }
-    // P = exp2(s - m_slot) in place (0 outside the allowed keys); per-lane partial sums.
-#pragma unroll
-    for (int nt = 0; nt < NTN; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rho = e >> 1;
-        const uint32_t bit = 1u << (nt * 4 + e);
-        const bool in0 = mask[0] & bit, in1 = mask[1] & bit, in2 = mask[2] & bit;
-        const float mm = in0 ? m[rho][0] : (in1 ? m[rho][1] : m[rho][2]);
-        const float pv = (in0 || in1 || in2) ? exp2f(sc[nt][e] - mm) : 0.f;
-        l[rho][0] += in0 ? pv : 0.f;
-        l[rho][1] += in1 ? pv : 0.f;
-        l[rho][2] += in2 ? pv : 0.f;
-        sc[nt][e] = pv;
-      }
-    // U_X += P_X V, U_C += P_C V (the sinks' U is recomputed in the epilogue).
-    if (any1) pv_accumulate<Elem, D, BN>(accX, sc, mask[1], sV, LD);
-    if (any2) pv_accumulate<Elem, D, BN>(accC, sc, mask[2], sV, LD);
+    __syncthreads();  // everyone is done with `buf` before the next step refills it
   }
 
 #pragma unroll
@@ -1486,9 +1532,10 @@ struct RowPlan {
   size_t smem;
 };
 
-RowPlan plan_rows(const Problem& P, at::ScalarType dt, int64_t min_kv, bool allow_split, int num_sms) {
+RowPlan plan_rows(const Problem& P, at::ScalarType dt, bool vec, int64_t min_kv, bool allow_split, int num_sms) {
   RowPlan pl{};
-  pl.mma = dt != at::kFloat && P.d <= 128;
+  // Tensor cores for bf16 / fp16 with d <= 128 and 16-byte aligned rows (cp.async); else scalar.
+  pl.mma = dt != at::kFloat && P.d <= 128 && vec;
   pl.Dp = P.d <= 64 ? 64 : 128;
   const int64_t R = P.G * P.Tq;
   pl.nw = pl.mma ? (R <= 16 ? 1 : 4) : 4;
@@ -1638,7 +1685,7 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_cuda(const Tensor& q_in, const 
   FwdParams p = make_fwd_params(P, q, k, v, seg, kv);
   p.out = out.data_ptr(), p.lse = lse.data_ptr<float>(), p.stats = stats.data_ptr<float>();
   const int num_sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
-  const RowPlan pl = plan_rows(P, q.scalar_type(), min_kv, /*allow_split=*/true, num_sms);
+  const RowPlan pl = plan_rows(P, q.scalar_type(), p.vec != 0, min_kv, /*allow_split=*/true, num_sms);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor part;
   if (pl.splits > 1) {
@@ -1702,7 +1749,7 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_backward_cuda(const Tensor& gra
   fp.vec = fp.vec && aligned16(dout);
   fp.rows = rows.data_ptr<float>();
   fp.mode = kModeRows;
-  const RowPlan pl = plan_rows(P, q.scalar_type(), min_kv, /*allow_split=*/false, num_sms);
+  const RowPlan pl = plan_rows(P, q.scalar_type(), fp.vec != 0, min_kv, /*allow_split=*/false, num_sms);
 
   Tensor dq, dq_acc;
   if (pl.mma) dq_acc = at::zeros({P.B, P.H, P.Tq, P.d}, q.options().dtype(at::kFloat));
