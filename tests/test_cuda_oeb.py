@@ -2,10 +2,11 @@
 
 The CUDA kernels (csrc/cuda/oeb_attention.cu) must have the CPU kernel's semantics: the same
 outputs up to the dtype's tolerance, the same lse / stats (fp32), the same checks. Shapes cover
-the paths of the kernel: head dims 64 / 128 (specialized), 36 / 96 / 160 (generic, zero padded;
-36 in fp16 also takes the unvectorized loads), one-warp CTAs (few rows) and four-warp CTAs, the
-split-KV decode path with its merge kernel, GQA packing of query heads, left padding, rows
-without keys, seg_start = -1 rows and num_sink 0 / 1 / 4. Every test needs a GPU.
+the paths of the kernel: tensor cores for bf16 / fp16 with head dims 64 / 128 and 96 (zero
+padded to 128); the scalar path for fp32, d = 160 and d = 36 (rows not 16-byte aligned); one-warp
+CTAs (few rows) and four-warp CTAs, the split-KV decode path with its merge kernel, GQA packing
+of query heads, left padding, rows without keys, seg_start = -1 rows and num_sink 0 / 1 / 4.
+Every test needs a GPU.
 """
 from __future__ import annotations
 
@@ -206,6 +207,29 @@ def test_non_contiguous_and_float64(seed):
     ref_out, ref_lse, ref_stats = ref64(q, k, v, seg_start, kv_start, 0.5, 1, 0.3)
     assert out.is_cuda and out.dtype == torch.float64
     torch.testing.assert_close(out, ref_out, atol=1e-9, rtol=1e-7)
+
+
+def test_unaligned_rows_take_the_scalar_path(seed):
+    """Inputs whose rows are not 16-byte aligned (a storage offset) run the scalar kernels and
+    agree with the tensor-core result on aligned copies (forward and backward)."""
+    q, k, v, seg_start, kv_start = make_case(2, 4, 2, 40, 40, 64, torch.bfloat16)
+
+    def shifted(x):  # same values, data pointer 2 bytes past a 16-byte boundary
+        flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+        y = flat[1:].view(x.shape)
+        y.copy_(x)
+        return y
+
+    qs, ks, vs = (shifted(x) for x in (q, k, v))
+    assert qs.data_ptr() % 16 != 0 and qs.is_contiguous()
+    grad = torch.randn_like(q)
+    results = []
+    for args in ((q, k, v), (qs, ks, vs)):
+        leaves = [x.clone().requires_grad_() if x.data_ptr() % 16 == 0 else x.detach().requires_grad_() for x in args]
+        out, lse, stats = ops.oeb_attention(*leaves, seg_start, kv_start, 0.8, 1, 0.125)
+        results.append((out, lse, stats, *torch.autograd.grad(out, leaves, grad)))
+    for name, a, b in zip(["out", "lse", "stats", "dq", "dk", "dv"], *results):
+        assert_close(a, b, torch.bfloat16, f"{name} unaligned vs aligned", scale_by_max=True)
 
 
 # ----------------------------------------------------------------------------------- backward

@@ -34,8 +34,8 @@
 //
 // Backward (docs/method.md 3.1.3.4): dS_ij = A'_ij (dP_ij - c~_g), A'_ij = exp(s_ij - shift_g),
 // shift_g = lse - log r_g. (1) The row kernel in "rows" mode recomputes the group states and,
-// in its epilogue, D_g = dO . U_g / l_g, the rebalance and (shift_g, c~_g) per row (6 floats,
-// the same record as the CPU kernel). (2) Tensor cores: a kernel per (batch, kv head, block of
+// in its epilogue, D_g (mean of dP_j = dO . v_j under A over group g), the rebalance and
+// (shift_g, c~_g) per row (6 floats, shift in log2 units). (2) Tensor cores: a kernel per (batch, kv head, block of
 // 64 keys) whose warps own 16 keys each and accumulate dK, dV in registers over all query
 // blocks of all query heads of the kv head (no atomics); dQ goes through fp32 atomics into a
 // (B, H, Tq, d) buffer that is cast at the end. Scalar path: the same dK / dV kernel shape with
