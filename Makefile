@@ -16,7 +16,8 @@ $(VENV)/.bootstrapped: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q ninja pybind11
-	$(PY) -m pip install --no-build-isolation -e .[dev]
+	# The package and its dependencies only: `build` compiles _C once, in place.
+	STEPFLOW_BUILD_EXT=0 $(PY) -m pip install --no-build-isolation -e .[dev]
 	touch $@
 
 # Incremental rebuild of stepflow_ext/_C (ninja recompiles only changed sources).

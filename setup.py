@@ -3,7 +3,8 @@
 STEPFLOW_CUDA=auto (default) compiles csrc/cuda/*.cu when torch was built with CUDA and nvcc
 is found; STEPFLOW_CUDA=1 requires it, STEPFLOW_CUDA=0 skips it. CUDA_HOME defaults to
 /usr/local/cuda when that exists (torch would otherwise guess /usr/local and fail to link).
-TORCH_CUDA_ARCH_LIST overrides the default archs "8.0;9.0".
+TORCH_CUDA_ARCH_LIST overrides the default archs "8.0;9.0". STEPFLOW_BUILD_EXT=0 installs the
+Python package without compiling (the Makefile then builds _C once, in place).
 """
 import glob
 import os
@@ -34,6 +35,19 @@ def build_cuda() -> bool:
     return available if mode == "auto" else mode == "1"
 
 
+def cuda_library_includes() -> list:
+    """Headers that ATen's CUDA headers include (cusparse.h, cublas_v2.h, ...).
+
+    A minimal CUDA toolkit may lack them; pip's torch ships them in site-packages/nvidia/*/include.
+    """
+    cuda_home = os.environ.get("CUDA_HOME", "")
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = sorted(glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h")))
+    return [os.path.dirname(found[-1])] if found else []
+
+
 def extensions():
     with_cuda = build_cuda()
     sources = [os.path.relpath(p, ROOT) for p in
@@ -46,6 +60,7 @@ def extensions():
     if with_cuda:
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
         sources.remove(os.path.join("csrc", "cpu", "no_cuda.cpp"))
+        include += cuda_library_includes()
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         return [CUDAExtension("stepflow_ext._C", sources, include_dirs=include, define_macros=defines,
                               extra_compile_args={"cxx": cxx, "nvcc": nvcc},
@@ -56,6 +71,6 @@ def extensions():
 
 setup(
     version=VERSION,
-    ext_modules=extensions(),
+    ext_modules=extensions() if os.environ.get("STEPFLOW_BUILD_EXT", "1") != "0" else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

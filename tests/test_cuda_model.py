@@ -1,0 +1,117 @@
+"""Model-level checks on the GPU: a random Qwen2 under StepFlow and Step-Saliency, CUDA kernels end to end.
+
+The CPU path is tested against the float64 reference in test_hf.py; here the same model on the GPU must
+agree with it, and decoding token by token on the GPU (split-KV decode kernels, on-device momentum state)
+must equal one teacher-forced prefill.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import stepflow_ext as sf
+from hf_models import model as make_model, tokenizer as make_tokenizer
+from test_hf import TRACE, batch
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+# head_dim 64: the tensor-core path of the kernels (hidden 256 / 4 heads), GQA 4/2.
+SHAPE = dict(hidden=256, heads=4, kv_heads=2)
+CFG = sf.StepFlowConfig(oeb_layers=(0, 1), oeb_strength=0.8, smi_layers=(2, 3), smi_gamma=0.3)
+
+
+def _pair(dtype):
+    cpu = make_model("qwen2", **SHAPE)
+    gpu = copy.deepcopy(cpu).to("cuda", dtype)
+    return cpu, gpu
+
+
+def _forced_logits(model, ids, mask, seg):
+    with sf.replace_attention(model, CFG) as handle:
+        handle.set_segmentation(seg)
+        return model(ids, attention_mask=mask).logits.float().cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forced_pass_on_gpu_equals_cpu(dtype):
+    tok = make_tokenizer()
+    cpu, gpu = _pair(dtype)
+    ids, mask, seg = batch(tok)
+    expected = _forced_logits(cpu, ids, mask, seg)
+    got = _forced_logits(gpu, ids.cuda(), mask.cuda(), seg.to("cuda"))
+    valid = mask.bool()
+    tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float32 else dict(atol=0.15, rtol=0.05)
+    torch.testing.assert_close(got[valid], expected[valid], **tol)
+    stock = cpu(ids, attention_mask=mask).logits
+    assert (expected[valid] - stock[valid]).abs().max() > 1e-3, "the intervention changed nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_equals_prefill_on_gpu(dtype):
+    tok = make_tokenizer()
+    _, model = _pair(dtype)
+    trace = tok(TRACE)["input_ids"]
+    prompt_ids, prompt_mask, _ = batch(tok, with_trace=False)
+    prompt_ids, prompt_mask = prompt_ids.cuda(), prompt_mask.cuda()
+    with sf.replace_attention(model, CFG, tokenizer=tok) as handle:
+        out = model(prompt_ids, attention_mask=prompt_mask, use_cache=True)
+        cache, m, step_logits = out.past_key_values, prompt_mask, [out.logits[:, -1]]
+        for t in trace:
+            nxt = torch.full((2, 1), t, device="cuda")
+            m = torch.cat([m, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=m, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            step_logits.append(out.logits[:, -1])
+        seg = handle.segmentation()
+        assert seg.kinds[0].count("step") == 3 and seg.kinds[0][-1] == "summary"
+        full_ids = torch.cat([prompt_ids, torch.tensor([trace] * 2, device="cuda")], 1)
+        handle.set_segmentation(seg)
+        full = model(full_ids, attention_mask=m).logits
+    p = prompt_ids.shape[1]
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(torch.stack(step_logits, 1).float(), full[:, p - 1:].float(), **tol)
+
+
+def test_generate_on_gpu_equals_hand_decoding():
+    tok = make_tokenizer()
+    _, model = _pair(torch.float32)
+    ids, mask, _ = batch(tok, with_trace=False)
+    ids, mask = ids.cuda(), mask.cuda()
+    with sf.replace_attention(model, CFG, tokenizer=tok):
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    with sf.replace_attention(model, CFG, tokenizer=tok):
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache, m, tokens = out.past_key_values, mask, []
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(12):
+            tokens.append(nxt)
+            m = torch.cat([m, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=m, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    assert torch.equal(gen[:, ids.shape[1]:], torch.cat(tokens, 1))
+
+
+@pytest.mark.parametrize("under_stepflow", [False, True])
+def test_step_saliency_on_gpu_equals_cpu(under_stepflow):
+    tok = make_tokenizer()
+    cpu, gpu = _pair(torch.float32)
+    ids, mask, seg = batch(tok)
+
+    def maps(model, device):
+        args = (model, ids.to(device), seg.to(device))
+        if not under_stepflow:
+            return sf.step_saliency(*args, target="summary", attention_mask=mask.to(device)).maps.cpu()
+        with sf.replace_attention(model, CFG) as handle:
+            handle.set_segmentation(seg.to(device))
+            return sf.step_saliency(*args, target="summary", attention_mask=mask.to(device)).maps.cpu()
+
+    expected = maps(cpu, "cpu")
+    got = maps(gpu, "cuda")
+    scale = expected.abs().amax(dim=(-1, -2), keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(got / scale, expected / scale, atol=2e-3, rtol=2e-3)
+    assert float(expected.sum()) > 0
