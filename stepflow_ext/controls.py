@@ -156,6 +156,8 @@ def residual_targets(seg_ids, seg_kinds, all_segments_nonempty: bool):
     """
     b, s = seg_kinds.shape
     valid = seg_ids >= 0
+    if s == 0:  # every token is padding
+        return valid
     slot = torch.where(valid, seg_ids, 0)
     is_step = seg_kinds == STEP
     if not all_segments_nonempty:
