@@ -106,8 +106,6 @@ def evaluate(settings: EvalSettings, items, data_errors, out_dir, *, model, toke
     Every rank calls this with all items; each takes its shard. Only rank 0 writes summary.json,
     errors.jsonl and the table; every rank gets the same status.
     """
-    import stepflow_ext as sf
-
     # Rank 0 checks (or records) the settings; every rank fails the same way on a mismatch.
     problem = None
     if job.main:
@@ -135,20 +133,11 @@ def evaluate(settings: EvalSettings, items, data_errors, out_dir, *, model, toke
     if completions is not None:
         generator = completions
     else:
-        generator = HFGenerator(model, tokenizer, settings, _eos_ids(model, tokenizer))
-    handle = None
-    if config is not None and completions is None:
-        control = {"control": settings.control, "control_seed": settings.control_seed} if settings.control else {}
-        handle = sf.replace_attention(model, config, tokenizer=tokenizer, step_delimiter=settings.step_delimiter,
-                                      think_end=settings.think_end, **control)
+        generator = HFGenerator(model, tokenizer, settings, _eos_ids(model, tokenizer), config=config)
     started = time.time()
-    try:
-        failures = run_items(settings, mine, generator, tokenizer, own, done, batch_size=batch_size,
-                             grade_options=grade_options, grade_workers=grade_workers,
-                             progress=progress and job.main, desc=name or "eval")
-    finally:
-        if handle is not None:
-            handle.restore()
+    failures = run_items(settings, mine, generator, tokenizer, own, done, batch_size=batch_size,
+                         grade_options=grade_options, grade_workers=grade_workers,
+                         progress=progress and job.main, desc=name or "eval")
     elapsed = time.time() - started
     all_failures = [f for part in job.gather(failures) for f in part]
     job.barrier()  # every rank's rows are on disk
@@ -161,7 +150,7 @@ def evaluate(settings: EvalSettings, items, data_errors, out_dir, *, model, toke
                     "grade": grade_options, **_versions()}
         summary = summarize(out_dir, settings, items, data_errors, all_failures, run_info)
         if not quiet:
-            _print_table(f"stepflow eval: {settings.task} on {settings.data}", SUMMARY_HEADER,
+            _print_table(f"stepflow eval: {settings.task}, {os.path.basename(settings.data)}", SUMMARY_HEADER,
                          [summary_row(name or os.path.basename(os.path.normpath(out_dir)), summary)])
             _err(f"results in {out_dir}/ ({ROWS}, {SUMMARY}, {ERRORS})")
     status = 1 if (data_errors or all_failures) else 0
@@ -294,12 +283,13 @@ def read_summary(run_dir: str) -> dict:
 
 def _describe(summary) -> str:
     s = summary["settings"]
-    if s.get("control"):
-        return f"control {s['control']}"
     if s.get("stepflow"):
         c = s["stepflow"]
-        return (f"StepFlow OEB {_layers(c['oeb_layers'])} λ={c['oeb_strength']:g}, "
-                f"SMI {_layers(c['smi_layers'])} γ={c['smi_gamma']:g}")
+        config = (f"OEB {_layers(c['oeb_layers'])} λ={c['oeb_strength']:g}, "
+                  f"SMI {_layers(c['smi_layers'])} γ={c['smi_gamma']:g}")
+        if s.get("control"):
+            return f"control {s['control']} (seed {s.get('control_seed', 0)}) sized as StepFlow {config}"
+        return f"StepFlow {config}"
     if s.get("completions_from"):
         return f"completions from {s['completions_from']}"
     return "baseline (no StepFlow)"
@@ -364,15 +354,14 @@ def _p(x) -> str:
     return "n/a" if x is None else (f"{x:.3f}" if x >= 0.001 else f"{x:.1e}")
 
 
-COMPARE_HEADER = ["run", "what", "items", "pass@1 %", "95% CI", "Δ vs base (pp)", "Δ 95% CI", "p (bootstrap)",
-                  "McNemar b01/b10", "McNemar p"]
+COMPARE_HEADER = ["run", "items", "pass@1 %", "95% CI", "Δ pp", "Δ 95% CI", "p boot", "b01/b10", "p McNemar"]
 
 
-def compare_table(report: dict) -> list[list[str]]:
+def compare_table(report: dict, what: bool = False) -> list[list[str]]:
     rows = []
     for run in report["runs"]:
         acc = run["accuracy"]
-        row = [run["name"], run["what"], str(acc["n_items"]), fmt_pct(acc["pass@1"]),
+        row = [run["name"]] + ([run["what"]] if what else []) + [str(acc["n_items"]), fmt_pct(acc["pass@1"]),
                f"[{fmt_pct(acc['ci95'][0])}, {fmt_pct(acc['ci95'][1])}]"]
         vs = run.get("vs_baseline")
         if vs is None:
@@ -389,9 +378,10 @@ def compare_markdown(report: dict) -> str:
     lines = [f"# Paired comparison against `{report['baseline']}`", "",
              f"{report['items_in_common']} items completed by every run. {report['mcnemar_note']}. "
              "b01: items the baseline got wrong and this run right; b10: the reverse.", ""]
-    lines.append("| " + " | ".join(COMPARE_HEADER) + " |")
-    lines.append("|" + "---|" * len(COMPARE_HEADER))
-    for row in compare_table(report):
+    header = COMPARE_HEADER[:1] + ["what"] + COMPARE_HEADER[1:]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for row in compare_table(report, what=True):
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     for run in report["runs"]:
         if run["dropped"]:
@@ -405,7 +395,10 @@ def compare_markdown(report: dict) -> str:
 def print_comparison(report: dict) -> None:
     _print_table(f"Paired comparison on {report['items_in_common']} common items (baseline: {report['baseline']})",
                  COMPARE_HEADER, compare_table(report))
-    print(f"{report['mcnemar_note']}; b01 = baseline wrong, run right; b10 = the reverse.")
+    for run in report["runs"]:
+        print(f"  {run['name']}: {run['what']}")
+    print(f"Δ: pass@1 minus the baseline's, in percentage points, with a paired-bootstrap CI and p-value.\n"
+          f"{report['mcnemar_note']}; b01 = baseline wrong, run right; b10 = the reverse.")
     for run in report["runs"]:
         if run["dropped"]:
             print(f"{run['name']}: {run['dropped']} of its {run['items_in_run']} completed items are not in every "

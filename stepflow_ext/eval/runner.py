@@ -171,11 +171,27 @@ class Request:
 
 
 class HFGenerator:
-    """Completes a batch of Requests with model.generate (left padding), under whatever StepFlow
-    handle is installed on the model (online step tracking needs nothing else)."""
+    """Completes a batch of Requests with model.generate (left padding), under StepFlow (or its
+    control) when `config` is given, with online step tracking.
 
-    def __init__(self, model, tokenizer, settings: EvalSettings, eos_ids: set):
+    StepFlow is installed around each generate call and restored after it: a StepFlow handle's
+    step tracker keeps the batch size of its first sequence, and the last batch of a run is
+    usually smaller (segment.StepTracker.start refuses a new batch size once it has one).
+    """
+
+    def __init__(self, model, tokenizer, settings: EvalSettings, eos_ids: set, config=None):
         self.model, self.tok, self.settings, self.eos = model, tokenizer, settings, set(eos_ids)
+        self.config = config
+
+    def _install(self):
+        if self.config is None:
+            return None
+        import stepflow_ext as sf
+
+        s = self.settings
+        control = {"control": s.control, "control_seed": s.control_seed} if s.control else {}
+        return sf.replace_attention(self.model, self.config, tokenizer=self.tok, step_delimiter=s.step_delimiter,
+                                    think_end=s.think_end, **control)
 
     def __call__(self, requests: list[Request]) -> list[dict]:
         import torch
@@ -194,13 +210,12 @@ class HFGenerator:
         if s.temperature > 0:
             processors.append(per_row_sampler([r.seed for r in requests], s.temperature, s.top_p))
         start = time.perf_counter()
-        with torch.no_grad():
-            # Greedy generate: the sampling (if any) is PerRowSampler's; the model's own sampling
-            # defaults (temperature, top_p, top_k of its generation_config) are switched off.
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens,
-                                      do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      logits_processor=processors, pad_token_id=pad,
-                                      eos_token_id=sorted(self.eos) or None)
+        handle = self._install()
+        try:
+            out = self._generate(ids, mask, processors)
+        finally:
+            if handle is not None:
+                handle.restore()
         elapsed = (time.perf_counter() - start) / len(requests)
         results = []
         rule = {"step_delimiter": s.step_delimiter, "think_end": s.think_end}
@@ -217,6 +232,17 @@ class HFGenerator:
                             "tokens": len(gen), "finish": finish, "steps": kinds.count("step"),
                             "summary": "summary" in kinds, "time_s": round(elapsed, 4)})
         return results
+
+    def _generate(self, ids, mask, processors):
+        import torch
+
+        with torch.no_grad():
+            # Greedy generate: the sampling (if any) is PerRowSampler's; the model's own sampling
+            # defaults (temperature, top_p, top_k of its generation_config) are switched off.
+            return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.settings.max_new_tokens,
+                                       do_sample=False, temperature=None, top_p=None, top_k=None,
+                                       logits_processor=processors, pad_token_id=self.tok.pad_token_id,
+                                       eos_token_id=sorted(self.eos) or None)
 
 
 class CompletionsFile:
@@ -334,7 +360,10 @@ def check_settings(out_dir: str, settings: EvalSettings) -> None:
         theirs = theirs.get("settings", theirs) if isinstance(theirs, dict) else theirs
         if not isinstance(theirs, dict):
             raise RunMismatch(f"{path} does not hold run settings; use another --out")
-        diff = [f"  {k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in sorted(set(mine) | set(theirs))
+        keys = set(mine) | set(theirs)
+        if mine.get("data_sha256") and mine.get("data_sha256") == theirs.get("data_sha256"):
+            keys.discard("data")  # the same file contents, reached by another path
+        diff = [f"  {k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in sorted(keys)
                 if theirs.get(k) != mine.get(k)]
         if diff:
             raise RunMismatch(f"{out_dir} holds a run with other settings; resuming it would mix two runs.\n"
@@ -415,7 +444,7 @@ def run_items(settings: EvalSettings, items: list, generator, tokenizer, row_pat
     remaining = {}  # item id -> samples still to finish in this invocation
     for r in todo:
         remaining[r.item.id] = remaining.get(r.item.id, 0) + 1
-    complete_before = sum(1 for item in items if item.id not in remaining)
+    complete_before = sum(1 for item in items if all((item.id, k) in done for k in range(settings.samples)))
     bar = tqdm(total=len(items), initial=complete_before, unit="item", desc=desc, file=sys.stderr,
                disable=not progress)
     # Code runs in a sandboxed subprocess: grade it in threads while the next batch generates.
@@ -530,10 +559,10 @@ def fmt_pct(x) -> str:
 
 def summary_row(name: str, summary: dict) -> list:
     acc = summary.get("accuracy") or {}
-    ci = acc.get("ci95") or [None, None]
+    ci = acc.get("ci95")
     k = summary["settings"]["samples"]
     return [name, str(acc.get("n_items", 0)), str(k), fmt_pct(acc.get("pass@1")),
-            f"[{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]", fmt_pct(acc.get(f"pass@{k}", acc.get("pass@K"))),
+            f"[{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]" if ci else "n/a", fmt_pct(acc.get(f"pass@{k}", acc.get("pass@K"))),
             "n/a" if summary.get("mean_tokens") is None else f"{summary['mean_tokens']:.0f}"]
 
 
