@@ -485,12 +485,18 @@ def cmd_sweep(args) -> int:
         status = max(status, code)
         chosen = None
         if job.main:
-            chosen = sweep.choose([(c, s) for c, s in dev_results], dev_base)
+            try:
+                chosen = sweep.choose([(c, s) for c, s in dev_results], dev_base)
+            except ValueError as e:
+                chosen = {"error": str(e)}
+        chosen = job.broadcast(chosen)
+        if "error" in chosen:
+            raise UsageError(f"sweep: {chosen['error']} (see {os.path.join(args.out, 'dev')})")
+        if job.main:
             sweep.write_json(os.path.join(args.out, "chosen.json"), chosen)
             _print_table(f"sweep on the dev split ({args.dev}, {len(dev_items)} items)", SUMMARY_HEADER,
                          [summary_row("baseline", dev_base)] + [summary_row(c.name, s) for c, s in dev_results])
             print(f"chosen on dev: {chosen['name']} ({chosen['rule']})")
-        chosen = job.broadcast(chosen)
         chosen_cfg = next(c.config for c in candidates if c.name == chosen["name"])
 
         runs = [("baseline", None, None), ("chosen", chosen_cfg, None)]

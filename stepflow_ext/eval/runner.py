@@ -20,8 +20,8 @@ batch sizes, padding, shardings or devices is floating point: batched matmuls of
 are not bit-identical to the unpadded row, which can flip a greedy argmax or a sample that sits on
 a CDF boundary (rare, but possible). Same settings + same batch size + same world size + same device
 and library versions give bit-identical rows (except time_s). The random-residual / random-attn
-controls draw their directions per batch row (intervention.py), so their randomness does depend
-on batch composition; use --batch-size 1 where that matters.
+controls draw per batch row from a seed hashed from --control-seed and the batch's (item, sample)
+pairs (`control_batch_seed`), so their draws depend on batch composition unless --batch-size is 1.
 """
 from __future__ import annotations
 
@@ -156,6 +156,17 @@ def per_row_sampler(seeds, temperature, top_p):
     return _sampler_class()(seeds, temperature, top_p)
 
 
+def control_batch_seed(control_seed: int, requests) -> int:
+    """The control's seed for one generate call: a hash of --control-seed and the batch's (item, sample)
+    pairs. The controls draw their random key groups / directions from (seed, layer, batch row, ...)
+    (stepflow_ext.controls), so with one fixed seed row r of every batch would get the same draws; this
+    gives every batch its own. With --batch-size 1 each (item, sample) has its own draws, independent of
+    batching and sharding; with larger batches they depend on which items share the batch."""
+    key = "\x01".join(f"{r.item.id}\x00{r.sample}" for r in requests)
+    digest = hashlib.sha256(f"{control_seed}\x02{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 # --------------------------------------------------------------------------- generators
 
 
@@ -183,13 +194,13 @@ class HFGenerator:
         self.model, self.tok, self.settings, self.eos = model, tokenizer, settings, set(eos_ids)
         self.config = config
 
-    def _install(self):
+    def _install(self, control_seed):
         if self.config is None:
             return None
         import stepflow_ext as sf
 
         s = self.settings
-        control = {"control": s.control, "control_seed": s.control_seed} if s.control else {}
+        control = {"control": s.control, "control_seed": control_seed} if s.control else {}
         return sf.replace_attention(self.model, self.config, tokenizer=self.tok, step_delimiter=s.step_delimiter,
                                     think_end=s.think_end, **control)
 
@@ -210,7 +221,8 @@ class HFGenerator:
         if s.temperature > 0:
             processors.append(per_row_sampler([r.seed for r in requests], s.temperature, s.top_p))
         start = time.perf_counter()
-        handle = self._install()
+        batch_seed = control_batch_seed(s.control_seed, requests) if s.control else None
+        handle = self._install(batch_seed)
         try:
             out = self._generate(ids, mask, processors)
         finally:
@@ -230,7 +242,8 @@ class HFGenerator:
             results.append({"completion": tok.decode(text_ids, skip_special_tokens=False,
                                                      clean_up_tokenization_spaces=False),
                             "tokens": len(gen), "finish": finish, "steps": kinds.count("step"),
-                            "summary": "summary" in kinds, "time_s": round(elapsed, 4)})
+                            "summary": "summary" in kinds, "time_s": round(elapsed, 4),
+                            "control_batch_seed": batch_seed})
         return results
 
     def _generate(self, ids, mask, processors):
@@ -407,7 +420,8 @@ def _row(settings: EvalSettings, request: Request, gen: dict, verdict) -> dict:
             "grade_s": round(gen.get("grade_s", 0.0), 4), "seed": request.seed,
             "temperature": settings.temperature, "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
             "stepflow": settings.stepflow, "control": settings.control,
-            "control_seed": settings.control_seed if settings.control else None, "model": settings.model}
+            "control_seed": settings.control_seed if settings.control else None,
+            "control_batch_seed": gen.get("control_batch_seed"), "model": settings.model}
 
 
 def _grade(item, completion, grade_options):
