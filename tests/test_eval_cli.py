@@ -109,8 +109,14 @@ def test_eval_none_stepflow_controls_then_compare_runs(tiny, tmp_path, monkeypat
             assert cfg.oeb_layers == (0, 1) and cfg.oeb_strength == 0.75 and cfg.smi_gamma == 0.1
         assert control == {"rattn": "random-attn", "rres": "random-residual"}.get(name)
         assert all(r["control"] == control for r in rows)
+        if control:
+            # each batch draws from its own seed, hashed from --control-seed and its (item, sample) pairs
+            seeds = [s for _, _, s in installed]
+            assert len(set(seeds)) == 3 and [r["control_batch_seed"] for r in rows] == [seeds[0]] * 2 + [
+                seeds[1]] * 2 + [seeds[2]]
+            assert all(r["control_seed"] == summary["settings"]["control_seed"] for r in rows)
         if name == "rattn":
-            assert seed == 3 and summary["settings"]["control_seed"] == 3
+            assert summary["settings"]["control_seed"] == 3
 
     capsys.readouterr()
     dirs = [tmp_path / n for n in runs]
@@ -379,19 +385,22 @@ def test_sweep_chooses_on_dev_and_reports_on_test(tiny, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert run("sweep", "--model", tiny, "--device", "cpu", "--dev", dev, "--test", test, "--task", "math",
                "--grid", "oeb_strength=0.5,0.25;oeb_layers=0-1", "--max-new-tokens", 6, "--batch-size", 2,
-               "--no-progress", "--n-boot", 200, "--out", out) == 0
+               "--no-progress", "--n-boot", 200, "--with-controls", "--out", out) == 0
     chosen = json.loads((out / "chosen.json").read_text())
     # a random model scores 0 everywhere: a tie, so the smaller perturbation (λ 0.25) is chosen
     assert chosen["name"] == "lam0.25_oeb0-1" and chosen["tied"] == ["lam0.5_oeb0-1", "lam0.25_oeb0-1"]
     assert chosen["config"]["oeb_strength"] == 0.25 and chosen["config"]["oeb_layers"] == [0, 1]
     assert sorted(os.listdir(out / "dev")) == ["baseline", "lam0.25_oeb0-1", "lam0.5_oeb0-1"]
-    assert sorted(os.listdir(out / "test")) == ["baseline", "chosen"]
+    assert sorted(os.listdir(out / "test")) == ["baseline", "chosen", "random-attn", "random-residual"]
     for name in ("lam0.25_oeb0-1", "lam0.5_oeb0-1"):
         assert {r["item_id"] for r in read_jsonl(out / "dev" / name / "rows.jsonl")} == {"d1", "d2", "d3"}
     test_rows = read_jsonl(out / "test" / "chosen" / "rows.jsonl")
     assert {r["item_id"] for r in test_rows} == {"t1", "t2"} and test_rows[0]["stepflow"] == chosen["config"]
     report = json.loads((out / "report.json").read_text())
-    assert [r["name"] for r in report["runs"]] == ["baseline", "chosen"] and report["items_in_common"] == 2
+    assert [r["name"] for r in report["runs"]] == ["baseline", "chosen", "random-attn", "random-residual"]
+    assert report["items_in_common"] == 2 and report["chosen"]["name"] == chosen["name"]
+    control_rows = read_jsonl(out / "test" / "random-attn" / "rows.jsonl")
+    assert all(r["control"] == "random-attn" and r["stepflow"] == chosen["config"] for r in control_rows)
     assert "chosen on dev: lam0.25_oeb0-1" in capsys.readouterr().out
     assert (out / "report.md").exists()
 
