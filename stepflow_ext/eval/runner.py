@@ -461,8 +461,8 @@ def run_items(settings: EvalSettings, items: list, generator, tokenizer, row_pat
     complete_before = sum(1 for item in items if all((item.id, k) in done for k in range(settings.samples)))
     bar = tqdm(total=len(items), initial=complete_before, unit="item", desc=desc, file=sys.stderr,
                disable=not progress)
-    # Code runs in a sandboxed subprocess: grade it in threads while the next batch generates.
-    # math-verify uses signal.alarm, which only works in the main thread: math/mcq grade inline.
+    # Code runs in a sandboxed subprocess (seconds per item): grade it in threads while the next batch
+    # generates. Math (one math-verify helper process) and mcq are quick: graded inline, in order.
     pool = ThreadPoolExecutor(max(1, grade_workers)) if settings.task == "code" else None
     pending = []  # (request, gen, future) in submission order
 
