@@ -9,7 +9,6 @@ import copy
 import importlib.util
 import json
 import os
-import sys
 import time
 
 import numpy as np
