@@ -449,3 +449,40 @@ def test_compare_runs_needs_finished_runs(tmp_path, capsys):
     assert run("compare-runs", tmp_path / "a", tmp_path / "a") == 2
     assert "no summary.json" in capsys.readouterr().err
     assert run("compare-runs", tmp_path / "a") == 2
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_a_real_run(tiny, tmp_path):
+    """Kill `stepflow eval` (SIGKILL, no cleanup) once some rows are written; the rerun completes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "many.jsonl"
+    records = [json.loads(line) for line in open(GSM8K) if line.strip()]
+    with open(data, "w") as f:
+        for n in range(12):
+            f.write(json.dumps(records[n % len(records)] | {"id": f"q{n}"}) + "\n")
+    out = tmp_path / "run"
+    args = [str(a) for a in eval_args(tiny, data, "math", out, "--batch-size", 1, "--max-new-tokens", 24)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stepflow_ext.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    rows_path = out / "rows.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if rows_path.exists() and rows_path.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_jsonl_text(rows_path.read_text().rsplit("\n", 1)[0])
+    assert 3 <= len(partial) < 12 and not (out / "summary.json").exists()
+    assert run(*args) == 0
+    rows = read_jsonl(rows_path)
+    assert [r["item_id"] for r in rows] == [f"q{n}" for n in range(12)]
+    assert untimed(rows[:len(partial)]) == untimed(partial)
+    assert summary_of(out)["counts"]["rows"] == 12
