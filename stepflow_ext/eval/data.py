@@ -107,7 +107,7 @@ def _jsonl_records(path: str) -> Iterable[tuple[int, Any, str | None]]:
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                yield line_no, None, f"not valid JSON ({e.msg} at column {e.colno})"
+                yield line_no, None, f"not valid JSON: {e.msg} (column {e.colno})"
                 continue
             if not isinstance(record, dict):
                 yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
