@@ -332,7 +332,8 @@ def compare_runs(run_dirs: list[str], names: list[str] | None = None, *, n_boot=
     for name, path, s in zip(names, run_dirs, summaries):
         m = matrix(s)
         entry = {"name": name, "path": path, "what": _describe(s), "items_in_run": len(s["per_item"]),
-                 "dropped": len(s["per_item"]) - len(common), "accuracy": accuracy(m), "settings": s["settings"]}
+                 "dropped": len(s["per_item"]) - len(common), "accuracy": accuracy(m, n_boot=n_boot, seed=seed),
+                 "settings": s["settings"]}
         if runs:  # paired against the baseline
             entry["vs_baseline"] = {
                 "paired_bootstrap": paired_bootstrap(base_m.mean(1), m.mean(1), n_boot=n_boot, seed=seed),
