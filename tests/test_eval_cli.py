@@ -486,3 +486,15 @@ def test_resume_after_sigkill_of_a_real_run(tiny, tmp_path):
     assert [r["item_id"] for r in rows] == [f"q{n}" for n in range(12)]
     assert untimed(rows[:len(partial)]) == untimed(partial)
     assert summary_of(out)["counts"]["rows"] == 12
+
+
+def test_help_of_the_eval_commands(capsys):
+    for command in ("eval", "compare-runs", "sweep"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([command, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "example" in text and f"stepflow {command}" in text
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "eval" in capsys.readouterr().out
