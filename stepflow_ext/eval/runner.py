@@ -185,9 +185,8 @@ class HFGenerator:
     """Completes a batch of Requests with model.generate (left padding), under StepFlow (or its
     control) when `config` is given, with online step tracking.
 
-    StepFlow is installed around each generate call and restored after it: a StepFlow handle's
-    step tracker keeps the batch size of its first sequence, and the last batch of a run is
-    usually smaller (segment.StepTracker.start refuses a new batch size once it has one).
+    StepFlow is installed around each generate call and restored after it, because a control's
+    random draws are seeded per batch (control_batch_seed).
     """
 
     def __init__(self, model, tokenizer, settings: EvalSettings, eos_ids: set, config=None):
