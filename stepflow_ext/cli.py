@@ -4,6 +4,9 @@
     stepflow analyze  --model M --traces traces.jsonl --out runs/analyze
     stepflow compare  --model M --traces traces.jsonl --stepflow stepflow.json --out runs/compare
     stepflow make-tiny-model DIR      # a random tiny model to try the commands offline
+    stepflow eval --model M --data gsm8k.jsonl --task math --stepflow default --out runs/sf
+    stepflow compare-runs runs/base runs/sf     # paired accuracy table
+    stepflow sweep --model M --dev dev.jsonl --test test.jsonl --task math --grid ... --out runs/sweep
 
 `python -m stepflow_ext.cli ...` is the same without installing the console script.
 Exit status: 0 when everything ran, 1 when some traces (or prompts) failed (they are listed at
@@ -829,6 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  stepflow generate --model tiny --prompt 'What is 12 + 7?' --out gen.jsonl\n"
                "  stepflow analyze --model tiny --traces tiny/traces.jsonl --out runs/analyze\n"
                "  stepflow compare --model tiny --traces tiny/traces.jsonl --stepflow stepflow.json --out runs/compare\n"
+               "  stepflow eval --model tiny --data gsm8k.jsonl --task math --max-new-tokens 16 --out runs/base\n"
+               "  stepflow compare-runs runs/base runs/sf\n"
                "\nrun `stepflow COMMAND --help` for the options of each command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -906,7 +911,147 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.set_defaults(func=cmd_make_tiny_model)
+    _eval_parsers(sub, raw)
     return parser
+
+
+# --------------------------------------------------------------------------- eval, compare-runs, sweep
+# (their logic is in eval/commands.py)
+
+
+def _cmd_eval(args) -> int:
+    from .eval.commands import cmd_eval
+
+    return cmd_eval(args)
+
+
+def _cmd_compare_runs(args) -> int:
+    from .eval.commands import cmd_compare_runs
+
+    return cmd_compare_runs(args)
+
+
+def _cmd_sweep(args) -> int:
+    from .eval.commands import cmd_sweep
+
+    return cmd_sweep(args)
+
+
+EVAL_OUTPUT = """\
+output DIR: settings.json (what identifies the run), rows.jsonl (one row per item and sample, appended
+as each is graded: item_id, sample, prompt, completion, extracted, correct, detail, tokens, time_s,
+seed, sampling settings, stepflow, control, model), errors.jsonl, summary.json (counts, pass@1 /
+avg@K / pass@K with a 95% bootstrap CI, per-item correctness) and a table in the terminal.
+Rerunning with the same --out resumes: finished samples are skipped, a line cut off by a killed run
+is redone, nothing is duplicated; a rerun with other settings is refused.
+"""
+
+
+def _generation_options(p):
+    g = p.add_argument_group("generation")
+    g.add_argument("--samples", type=int, default=1, metavar="K", help="samples per item (default 1; avg@K, pass@K)")
+    g.add_argument("--max-new-tokens", type=int, default=4096, metavar="N", help="default 4096")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy; > 0: sampling with one random stream per item and sample")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature > 0 (default 1)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="sample k of item i is seeded from (seed, i, k) whatever batch or rank it is in (default 0)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per generate call, left "
+                   "padded (default 8)")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items of the data")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="e.g. auto: spread a model too large for one GPU with accelerate (instead of --device)")
+    g = p.add_argument_group("grading")
+    g.add_argument("--code-time-limit", type=float, default=10.0, metavar="S",
+                   help="seconds per code test run in the sandbox (default 10)")
+    g.add_argument("--code-memory-mb", type=int, default=512, metavar="MB",
+                   help="address-space limit of the sandboxed program (default 512)")
+    g.add_argument("--grade-workers", type=int, default=4, metavar="N",
+                   help="code gradings (sandbox processes) run at once (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _eval_parsers(sub, raw):
+    p = sub.add_parser("eval", formatter_class=raw, help="accuracy of a model on a benchmark (optionally under "
+                       "StepFlow or a control)",
+                       description="Generate answers to every item of a data set (chat template + a task\n"
+                                   "instruction), grade them (math: math-verify on the last \\boxed{}; mcq: the\n"
+                                   "letter; code: the program against its tests in a sandboxed process) and\n"
+                                   "write one row per item and sample. Under torchrun, items are sharded\n"
+                                   "over the ranks and merged by rank 0.",
+                       epilog="examples:\n"
+                              "  stepflow eval --model tiny --data tests/fixtures/eval/gsm8k.jsonl --task math "
+                              "--max-new-tokens 16 --out runs/base\n"
+                              "  stepflow eval --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --data math500.jsonl "
+                              "--task math \\\n"
+                              "      --stepflow default --samples 4 --temperature 0.6 --top-p 0.95 --out runs/sf\n"
+                              "  torchrun --nproc_per_node 8 -m stepflow_ext.cli eval --model M --data gpqa.jsonl "
+                              "--task mcq --out runs/gpqa\n\n"
+                              "data: a local .jsonl (GSM8K, MATH-500, AIME, GPQA-Diamond, LiveCodeBench shapes) or\n"
+                              "hf:NAME[:split] (needs the datasets package and a network). Bad lines are reported\n"
+                              "as FILE:LINE: FIELD: problem; the other items still run (exit status 1).\n"
+                              + EVAL_OUTPUT)
+    _common(p)
+    p.add_argument("--data", required=True, metavar="SOURCE", help="a .jsonl file or hf:NAME[:split]")
+    p.add_argument("--task", required=True, choices=("math", "mcq", "code"), help="how prompts are built and graded")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (created; resumed if it exists)")
+    p.add_argument("--stepflow", default="none", metavar="CONFIG.json|default|none",
+                   help="generate under StepFlow: a StepFlowConfig JSON, default (StepFlowConfig.default_for the "
+                        "model) or none (default: none, the baseline)")
+    p.add_argument("--control", default="none", choices=("none", "random-attn", "random-residual"),
+                   help="instead of StepFlow, a control in the same layers with the same sizes (docs/method.md, "
+                        "Controls); needs --stepflow")
+    p.add_argument("--control-seed", type=int, default=0, metavar="S", help="seed of the control's random "
+                   "groups/directions (default 0)")
+    p.add_argument("--completions-from", default=None, metavar="FILE",
+                   help="grade these completions instead of generating: JSONL {item_id, sample, completion}")
+    _generation_options(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare-runs", formatter_class=raw, help="paired table of eval runs against a baseline",
+                       description="Pair eval runs by item id (items every run completed; the others are\n"
+                                   "dropped and counted) and compare each with the first run, the baseline:\n"
+                                   "pass@1 with its 95% bootstrap CI, the paired difference with a paired-\n"
+                                   "bootstrap CI and p-value, and McNemar's exact test (first sample per item).",
+                       epilog="example:\n"
+                              "  stepflow compare-runs runs/base runs/sf runs/random-attn runs/random-residual "
+                              "--out runs/paired.md\n")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="eval output directories; the first is the baseline")
+    p.add_argument("--names", default=None, metavar="A,B,...", help="labels for the runs (default: directory names)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the comparison as .json or .md")
+    p.add_argument("--n-boot", type=int, default=10000, metavar="N", help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=_cmd_compare_runs)
+
+    p = sub.add_parser("sweep", formatter_class=raw, help="choose a StepFlow config on dev, report it on test",
+                       description="Run every StepFlow config of a grid on the dev split (each an eval run in\n"
+                                   "DIR/dev/NAME), choose the best dev pass@1 (ties: the smaller perturbation,\n"
+                                   "smaller λ×|OEB layers| then γ×|SMI layers|), write DIR/chosen.json, then\n"
+                                   "evaluate the baseline and the chosen config once on the test split\n"
+                                   "(DIR/test/) and write the paired report (DIR/report.md, report.json).\n"
+                                   "There is no way to choose on the test split: dev and test must be\n"
+                                   "different files with no item id in common.",
+                       epilog="example:\n"
+                              "  stepflow sweep --model tiny --dev dev.jsonl --test test.jsonl --task math \\\n"
+                              "      --grid 'oeb_strength=0.25,0.5,1.0;smi_gamma=0.02,0.05;oeb_layers=0-0,0-1' "
+                              "--max-new-tokens 16 --out runs/sweep\n\n"
+                              "grid: FIELD=V1,V2,... joined by ';'. Fields: oeb_strength, smi_gamma, smi_beta,\n"
+                              "num_sink, oeb_layers, smi_layers. Layer sets: 0-3 (inclusive), 5, 0-1+6-7, none.\n"
+                              "Fields not in the grid come from --stepflow (default: default_for the model).")
+    _common(p)
+    p.add_argument("--dev", required=True, metavar="FILE", help="the split the config is chosen on")
+    p.add_argument("--test", required=True, metavar="FILE", help="the split it is reported on (once)")
+    p.add_argument("--task", required=True, choices=("math", "mcq", "code"))
+    p.add_argument("--grid", required=True, metavar="GRID", help="see below")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (resumable)")
+    p.add_argument("--stepflow", default="default", metavar="CONFIG.json|default",
+                   help="the config the grid varies (default: StepFlowConfig.default_for the model)")
+    p.add_argument("--with-controls", action="store_true",
+                   help="also run random-attn and random-residual with the chosen config on the test split")
+    p.add_argument("--control-seed", type=int, default=0, metavar="S", help="seed of the controls (default 0)")
+    p.add_argument("--n-boot", type=int, default=10000, metavar="N", help="bootstrap resamples (default 10000)")
+    _generation_options(p)
+    p.set_defaults(func=_cmd_sweep)
 
 
 def main(argv=None) -> int:
@@ -924,7 +1069,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    if args.command in ("analyze", "compare", "generate"):
+    if args.command in ("analyze", "compare", "generate", "eval", "sweep"):
         _err(f"done in {time.time() - start:.1f} s")
     return status
 

@@ -5,12 +5,16 @@ function. SMI is a forward hook on the chosen decoder layers. A forward pre-hook
 places each call's tokens into segments (design.md 2.1, section 3): a call that starts with an
 empty KV cache starts a new sequence whose tokens are the prompt; later calls append tokens.
 `handle.set_segmentation(seg)` replaces tracking by a given segmentation (teacher forcing).
+
+With control="random-attn" or "random-residual" the OEB layers (resp. the SMI layers) run the
+evaluation control of stepflow_ext.controls instead (docs/method.md, "Controls"); the other
+component runs as configured.
 """
 from __future__ import annotations
 
 import torch
 
-from . import hf, ops
+from . import controls, hf, ops
 from .config import StepFlowConfig
 from .segment import Segmentation, StepTracker, segment
 
@@ -57,13 +61,16 @@ class _Call:
         self.seg_ids, self.seg_kinds = seg_ids, seg_kinds
         self.seg_start, self.kv_start = seg_start, kv_start
         self.functional = functional  # whole sequences at once (teacher forcing): differentiable ops
+        self.residual_targets = None  # random-residual: the tokens SMI would change (computed once per call)
 
 
 class StepFlowHandle:
     """Returned by replace_attention. Use `restore()` (or a `with` block) to put the model back."""
 
-    def __init__(self, model, config: StepFlowConfig, tracker: StepTracker | None):
+    def __init__(self, model, config: StepFlowConfig, tracker: StepTracker | None, control: str | None = None,
+                 control_seed: int = 0):
         self.model, self.config, self.tracker = model, config, tracker
+        self.control, self.control_seed = control, control_seed  # recorded for the evaluation's output
         self._forced: Segmentation | None = None
         self._call: _Call | None = None
         self._smi_state: dict[int, tuple] = {}
@@ -175,7 +182,13 @@ class StepFlowHandle:
             if call is None:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
-            if call.functional:
+            if self.control == "random-residual":
+                if call.residual_targets is None:
+                    call.residual_targets = controls.residual_targets(call.seg_ids, call.seg_kinds,
+                                                                      all_segments_nonempty=not call.functional)
+                new = controls.random_residual(hidden, call.seg_ids, call.residual_targets, self.config.smi_gamma,
+                                               self.control_seed, layer_idx)
+            elif call.functional:
                 new = ops.step_momentum(hidden, call.seg_ids, call.seg_kinds, self.config.smi_beta,
                                         self.config.smi_gamma)
             else:
@@ -200,15 +213,35 @@ class StepFlowHandle:
                 raise ValueError(f"layer {module.layer_idx} uses a sliding window of {window} tokens, which the "
                                  "Odds-Equal Bridge does not support: leave it out of oeb_layers")
             scaling = kwargs.get("scaling") or module.scaling
+            if handle.control == "random-attn":
+                if torch.is_grad_enabled() and query.requires_grad:
+                    raise ValueError("the random-attn control computes no gradients (its chunked rows would all be "
+                                     "kept for backward; step_saliency does not model it): run the model under "
+                                     "torch.no_grad() — generate() already does")
+                out = controls.random_group_attention(query, key, value, call.seg_start, call.kv_start,
+                                                      handle.config.oeb_strength, handle.config.num_sink, scaling,
+                                                      handle.control_seed, module.layer_idx)
+                return out.transpose(1, 2).contiguous(), None
             out, _, _ = ops.oeb_attention(query, key, value, call.seg_start, call.kv_start,
                                           handle.config.oeb_strength, handle.config.num_sink, scaling)
             return out.transpose(1, 2).contiguous(), None
         return attention
 
 
+CONTROLS = ("random-attn", "random-residual")
+
+
 def replace_attention(model, config: StepFlowConfig | None = None, tokenizer=None, boundary_token_ids=None,
-                      think_end_token_ids=None, step_delimiter="\n\n", think_end="</think>") -> StepFlowHandle:
+                      think_end_token_ids=None, step_delimiter="\n\n", think_end="</think>", control=None,
+                      control_seed=0) -> StepFlowHandle:
     """Apply StepFlow to `model` in place and return a handle (see StepFlowHandle).
+
+    control: None (or "none"): StepFlow. "random-attn": the OEB layers rebalance random key
+    groups of the sizes of OEB's groups by OEB's per-row change of log-odds (no gradients; slower
+    than OEB, for evaluation). "random-residual": the SMI layers add gamma * |h| times a random
+    unit direction per step on the tokens SMI would change. The other component runs as
+    configured. control_seed (int in [0, 2^32)) fixes the random draws; decode and prefill draw
+    the same. docs/method.md, "Controls", has the definitions.
 
     A second call on a model that already has StepFlow raises ValueError: restore the first
     handle before installing another configuration.
@@ -219,6 +252,16 @@ def replace_attention(model, config: StepFlowConfig | None = None, tokenizer=Non
     if not isinstance(config, StepFlowConfig):
         raise ValueError(f"config must be a StepFlowConfig, got {type(config).__name__}")
     config.check_layers(hf.num_layers(model))
+    if control == "none":
+        control = None
+    if control is not None and control not in CONTROLS:
+        raise ValueError(f"unknown control {control!r}: use None, 'random-attn' or 'random-residual'")
+    if control == "random-attn" and not config.oeb_layers:
+        raise ValueError("control 'random-attn' replaces OEB in config.oeb_layers, which is empty: it would do nothing")
+    if control == "random-residual" and not config.smi_layers:
+        raise ValueError("control 'random-residual' replaces SMI in config.smi_layers, which is empty: "
+                         "it would do nothing")
+    control_seed = controls.check_seed(control_seed)
     if getattr(model, "_stepflow_handle", None) is not None:
         raise ValueError("StepFlow is already applied to this model: call handle.restore() before replacing it")
     tracker = None
@@ -226,7 +269,7 @@ def replace_attention(model, config: StepFlowConfig | None = None, tokenizer=Non
         tracker = StepTracker(tokenizer=tokenizer, boundary_token_ids=boundary_token_ids,
                               think_end_token_ids=think_end_token_ids, step_delimiter=step_delimiter,
                               think_end=think_end)
-    handle = StepFlowHandle(model, config, tracker)
+    handle = StepFlowHandle(model, config, tracker, control, control_seed)
     handle._rule_options = dict(tokenizer=tokenizer, boundary_token_ids=boundary_token_ids,
                                 think_end_token_ids=think_end_token_ids, step_delimiter=step_delimiter,
                                 think_end=think_end)

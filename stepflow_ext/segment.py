@@ -518,10 +518,9 @@ class StepTracker:
 
     def start(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Start new sequences: the (non-padding) tokens of input_ids are the prompts. Returns
-        their seg ids (B, T): 0, and -1 on padding."""
+        their seg ids (B, T): 0, and -1 on padding. The batch size is that of input_ids: new sequences
+        replace the old ones, so one tracker serves generate calls of any batch size in turn."""
         ids, valid, device = _rows_and_mask(input_ids, attention_mask)
-        if self.batch_size is not None and len(ids) != self.batch_size:
-            raise ValueError(f"input_ids has {len(ids)} rows but the tracker has batch_size {self.batch_size}")
         self.batch_size = len(ids)
         self._rows = [_Sequence(self.rule, [t for t, v in zip(row, ok) if v]) for row, ok in zip(ids, valid)]
         self._seg = [[0 if v else -1 for v in ok] for ok in valid]

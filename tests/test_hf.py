@@ -261,6 +261,22 @@ def test_generate_with_stepflow_batch_of_two():
     assert torch.equal(after, stock)
 
 
+def test_one_handle_serves_batches_of_any_size():
+    """generate with a batch of two, then of one, under one handle: each as under a fresh handle."""
+    tok = make_tokenizer()
+    model = make_model("qwen2")
+    ids, mask, _ = batch(tok, with_trace=False)
+    cfg = sf.StepFlowConfig.default_for(model, oeb_strength=1.0, smi_gamma=0.5)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    one = ids[1:, mask[1].bool()]
+    with sf.replace_attention(model, cfg, tokenizer=tok):
+        two_rows = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        one_row = model.generate(input_ids=one, **kw)
+    with sf.replace_attention(model, cfg, tokenizer=tok):
+        fresh = model.generate(input_ids=one, **kw)
+    assert two_rows.shape[0] == 2 and torch.equal(one_row, fresh)
+
+
 def test_saliency_under_stepflow_uses_the_intervention():
     tok = make_tokenizer()
     model = make_model("llama")
