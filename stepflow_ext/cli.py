@@ -956,6 +956,10 @@ def _generation_options(p):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature > 0 (default 1)")
     g.add_argument("--seed", type=int, default=0,
                    help="sample k of item i is seeded from (seed, i, k) whatever batch or rank it is in (default 0)")
+    g.add_argument("--instruction", default="default", metavar="TEXT",
+                   help="what follows the question in the user message: default (the task's instruction, "
+                        "e.g. 'Please reason step by step, and put your final answer within \\boxed{}.'), "
+                        "none (the bare question, for models trained without one), or your own TEXT")
     g.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per generate call, left "
                    "padded (default 8)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items of the data")

@@ -365,6 +365,12 @@ def test_prompts_per_task():
     assert "function `add`" in text and "assert add(1, 2) == 3" in text and "standard input" not in text
     with pytest.raises(ValueError, match="choices"):
         prompts.user_message(EvalItem("q2", "mcq", "Pick.", "A", choices=[]))
+    # --instruction: none gives the bare question (mcq keeps its choices); a text replaces the task's own.
+    assert prompts.user_message(math_item, "none") == "What is 2 + 2?"
+    assert prompts.user_message(mcq, "none") == "Pick one.\n\nA) red\nB) green\nC) blue"
+    assert prompts.user_message(math_item, "Answer in \\boxed{}.") == "What is 2 + 2?\n\nAnswer in \\boxed{}."
+    with pytest.raises(ValueError, match="unknown task"):
+        prompts.user_message(EvalItem("x", "poetry", "Q?", None), "none")
 
 
 # --------------------------------------------------------------------------- sweep

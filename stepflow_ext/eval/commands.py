@@ -182,7 +182,8 @@ def _settings(args, data, task, stepflow=None, control=None) -> EvalSettings:
     return EvalSettings(model=args.model, data=data, task=task, stepflow=stepflow, control=control,
                         control_seed=args.control_seed, samples=args.samples, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                        chat_template=not args.no_chat_template, step_delimiter=_escapes(args.step_delimiter),
+                        chat_template=not args.no_chat_template, instruction=args.instruction,
+                        step_delimiter=_escapes(args.step_delimiter),
                         think_end=_escapes(args.think_end), dtype=args.dtype,
                         completions_from=getattr(args, "completions_from", None), data_sha256=file_sha256(data))
 

@@ -40,19 +40,30 @@ def _entry_point(item) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def user_message(item) -> str:
-    """The text of the one user message for `item` (an eval.data.EvalItem)."""
+def _lettered(item) -> str:
+    """The choices of a multiple-choice item as "A) ...", one per line."""
+    choices = item.choices or []
+    if not choices:
+        raise ValueError(f"item {item.id}: a multiple-choice item needs choices")
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"item {item.id}: {len(choices)} choices, at most {len(LETTERS)} can be lettered")
+    return "\n".join(f"{LETTERS[i]}) {str(c).strip()}" for i, c in enumerate(choices))
+
+
+def user_message(item, instruction: str = "default") -> str:
+    """The text of the one user message for `item` (an eval.data.EvalItem). `instruction`: "default" (the
+    task's own, below), "none" (nothing after the question and, for mcq, its choices) or a text of one's own."""
     question = item.question.strip()
+    if instruction != "default":
+        if item.task not in ("math", "mcq", "code"):
+            raise ValueError(f"item {item.id}: unknown task {item.task!r} (expected math, mcq or code)")
+        if item.task == "mcq":
+            question = f"{question}\n\n{_lettered(item)}"
+        return question if instruction == "none" else f"{question}\n\n{instruction}"
     if item.task == "math":
         return f"{question}\n\n{MATH_INSTRUCTION}"
     if item.task == "mcq":
-        choices = item.choices or []
-        if not choices:
-            raise ValueError(f"item {item.id}: a multiple-choice item needs choices")
-        if len(choices) > len(LETTERS):
-            raise ValueError(f"item {item.id}: {len(choices)} choices, at most {len(LETTERS)} can be lettered")
-        lines = "\n".join(f"{LETTERS[i]}) {str(c).strip()}" for i, c in enumerate(choices))
-        return f"{question}\n\n{lines}\n\n{MCQ_INSTRUCTION.format(example=LETTERS[0])}"
+        return f"{question}\n\n{_lettered(item)}\n\n{MCQ_INSTRUCTION.format(example=LETTERS[0])}"
     if item.task == "code":
         tests = item.tests or []
         asserts = [t["assert"] for t in tests if isinstance(t, dict) and isinstance(t.get("assert"), str)]
@@ -65,7 +76,8 @@ def user_message(item) -> str:
     raise ValueError(f"item {item.id}: unknown task {item.task!r} (expected math, mcq or code)")
 
 
-def build_prompt(tokenizer, item, use_chat_template: bool = True) -> tuple[str, bool]:
+def build_prompt(tokenizer, item, use_chat_template: bool = True, instruction: str = "default") -> tuple[str, bool]:
     """(prompt text, templated?): the user message through the chat template with the generation prompt
     (plain text when the tokenizer has none or use_chat_template is False)."""
-    return apply_template(tokenizer, [{"role": "user", "content": user_message(item)}], use_chat_template)
+    return apply_template(tokenizer, [{"role": "user", "content": user_message(item, instruction)}],
+                          use_chat_template)

@@ -64,6 +64,7 @@ class EvalSettings:
     top_p: float = 1.0
     seed: int = 0
     chat_template: bool = True
+    instruction: str = "default"
     step_delimiter: str = "\n\n"
     think_end: str = "</think>"
     dtype: str = "auto"
@@ -448,7 +449,7 @@ def run_items(settings: EvalSettings, items: list, generator, tokenizer, row_pat
         missing = [k for k in range(settings.samples) if (item.id, k) not in done]
         if missing:
             try:
-                prompt, templated = build_prompt(tokenizer, item, settings.chat_template)
+                prompt, templated = build_prompt(tokenizer, item, settings.chat_template, settings.instruction)
                 ids = encode_prompt(tokenizer, prompt, templated)
             except Exception as e:  # noqa: BLE001 - one bad item must not stop the others
                 failures += [Failure(item.id, k, "prompt", f"{type(e).__name__}: {e}") for k in missing]
