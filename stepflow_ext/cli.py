@@ -912,6 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     p.set_defaults(func=cmd_make_tiny_model)
     _eval_parsers(sub, raw)
+    from .demo import add_parser as demo_parser
+
+    demo_parser(sub, raw)
     return parser
 
 
