@@ -22,7 +22,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "stepflow.h"
+#include "checks.h"
 
 namespace stepflow {
 namespace {
@@ -156,12 +156,9 @@ Rebalance row_rebalance(const acc_t* e, int64_t k_lo, const Ranges& rg, const do
   return rebalance(L, strength);
 }
 
-struct Problem {
-  int64_t B, H, Hkv, G, Tq, Tk, d;
+struct Problem : OebSizes {
   const int64_t* seg;  // (B, Tq)
   const int64_t* kv;   // (B,)
-  double strength, scale;
-  int64_t num_sink;
   Ranges ranges(int64_t b, int64_t i) const { return row_ranges(kv[b], seg[b * Tq + i], Tk - Tq + i, num_sink); }
 };
 
@@ -343,40 +340,9 @@ void backward_keys(const Problem& P, const Tensor& dout, const Tensor& q, const 
 
 Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seg_start,
                       const Tensor& kv_start, double strength, int64_t num_sink, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "oeb_attention: q, k, v must be 4-d (B, H, T, d), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && seg_start.device().is_cpu() &&
-                  kv_start.device().is_cpu(),
-              "oeb_attention (CPU kernel): all tensors must be on the CPU");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "oeb_attention: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "oeb_attention: q must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(k.sizes() == v.sizes(), "oeb_attention: k and v must have the same shape, got ", k.sizes(), " and ",
-              v.sizes());
+  TORCH_CHECK(q.device().is_cpu(), "oeb_attention (CPU kernel): all tensors must be on the CPU, got ", q.device());
   Problem P{};
-  P.B = q.size(0), P.H = q.size(1), P.Tq = q.size(2), P.d = q.size(3);
-  P.Hkv = k.size(1), P.Tk = k.size(2);
-  TORCH_CHECK(k.size(0) == P.B, "oeb_attention: k has batch ", k.size(0), " but q has batch ", P.B);
-  TORCH_CHECK(k.size(3) == P.d, "oeb_attention: k has head dim ", k.size(3), " but q has head dim ", P.d);
-  TORCH_CHECK(P.Hkv > 0 && P.H % P.Hkv == 0, "oeb_attention: query heads (", P.H,
-              ") must be a multiple of kv heads (", P.Hkv, ")");
-  TORCH_CHECK(P.Tq <= P.Tk, "oeb_attention: q has ", P.Tq, " tokens but k only ", P.Tk);
-  TORCH_CHECK(seg_start.scalar_type() == at::kLong && seg_start.dim() == 2 && seg_start.size(0) == P.B &&
-                  seg_start.size(1) == P.Tq,
-              "oeb_attention: seg_start must be int64 of shape (", P.B, ", ", P.Tq, "), got ",
-              seg_start.scalar_type(), " ", seg_start.sizes());
-  TORCH_CHECK(kv_start.scalar_type() == at::kLong && kv_start.dim() == 1 && kv_start.size(0) == P.B,
-              "oeb_attention: kv_start must be int64 of shape (", P.B, "), got ", kv_start.scalar_type(), " ",
-              kv_start.sizes());
-  TORCH_CHECK(strength >= 0.0 && strength <= 1.0, "oeb_attention: strength must be in [0, 1], got ", strength);
-  TORCH_CHECK(num_sink >= 0, "oeb_attention: num_sink must be >= 0, got ", num_sink);
-  TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "oeb_attention: scale must be a positive number, got ", scale);
-  P.G = P.H / P.Hkv;
-  P.strength = strength, P.scale = scale;
-  P.num_sink = std::min(num_sink, P.Tk);  // more sinks than keys is the same as all keys
+  static_cast<OebSizes&>(P) = check_oeb_arguments(q, k, v, seg_start, kv_start, strength, num_sink, scale);
   return P;
 }
 

@@ -28,7 +28,7 @@
 #include <utility>
 #include <vector>
 
-#include "stepflow.h"
+#include "checks.h"
 
 namespace stepflow {
 namespace {
@@ -345,40 +345,11 @@ at::Tensor step_saliency_pool_cpu(const at::Tensor& q, const at::Tensor& k, cons
                                   const std::optional<at::Tensor>& oeb_seg_start, double oeb_strength,
                                   int64_t oeb_num_sink) {
   const std::string reduction(head_reduction);
-  TORCH_CHECK(reduction == "sum_abs" || reduction == "abs_sum",
-              "step_saliency_pool: head_reduction must be 'sum_abs' or 'abs_sum', got '", reduction, "'");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && grad_out.dim() == 4,
-              "step_saliency_pool: q, k, v, grad_out must be 4-D (B, H, T, d), got ", q.sizes(), ", ", k.sizes(),
-              ", ", v.sizes(), ", ", grad_out.sizes());
-  for (const at::Tensor* x : {&q, &k, &v, &grad_out, &seg_ids}) {
-    TORCH_CHECK(x->device().is_cpu(), "step_saliency_pool (CPU kernel): all tensors must be on the CPU, got ",
-                x->device());
-  }
+  TORCH_CHECK(q.device().is_cpu(), "step_saliency_pool (CPU kernel): all tensors must be on the CPU, got ",
+              q.device());
+  const SaliencySizes sizes = check_saliency_arguments(q, k, v, grad_out, seg_ids, num_segments, scale, reduction);
+  const int64_t B = sizes.B, H = sizes.H, Tn = sizes.T;
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "step_saliency_pool: q must be float32, float16, bfloat16 or float64, got ", dtype);
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && grad_out.scalar_type() == dtype,
-              "step_saliency_pool: q, k, v, grad_out must share one dtype, got ", dtype, ", ", k.scalar_type(), ", ",
-              v.scalar_type(), ", ", grad_out.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3), Hkv = k.size(1);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "step_saliency_pool: grad_out must have the shape of q ", q.sizes(),
-              ", got ", grad_out.sizes());
-  TORCH_CHECK(k.sizes() == v.sizes(), "step_saliency_pool: k and v must have the same shape, got ", k.sizes(),
-              " and ", v.sizes());
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "step_saliency_pool: k must be (", B, ", H_kv, T, ", D,
-              ") to match q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(k.size(2) == Tn, "step_saliency_pool: needs Tq == Tk, got q with ", Tn, " tokens and k with ",
-              k.size(2));
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "step_saliency_pool: the query heads (", H,
-              ") must be a multiple of the kv heads (", Hkv, ")");
-  TORCH_CHECK(D > 0, "step_saliency_pool: head dim must be positive");
-  TORCH_CHECK(num_segments >= 1, "step_saliency_pool: num_segments must be >= 1, got ", num_segments);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "step_saliency_pool: scale must be a positive number, got ",
-              scale);
-  TORCH_CHECK(seg_ids.scalar_type() == at::kLong || seg_ids.scalar_type() == at::kInt,
-              "step_saliency_pool: seg_ids must be int64 (or int32), got ", seg_ids.scalar_type());
-  TORCH_CHECK(seg_ids.dim() == 2 && seg_ids.size(0) == B && seg_ids.size(1) == Tn,
-              "step_saliency_pool: seg_ids must have shape (", B, ", ", Tn, "), got ", seg_ids.sizes());
   const at::Tensor seg = seg_ids.to(at::kLong).contiguous();
   if (seg.numel() > 0) {
     const int64_t lo = seg.min().item<int64_t>(), hi = seg.max().item<int64_t>();

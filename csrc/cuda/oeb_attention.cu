@@ -62,7 +62,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "stepflow.h"
+#include "checks.h"
 
 namespace stepflow {
 namespace {
@@ -1426,49 +1426,13 @@ __global__ void __launch_bounds__(128) oeb_bwd_q_generic_kernel(const BwdParams 
 
 // ------------------------------------------------------------------------------------- host
 
-struct Problem {
-  int64_t B, H, Hkv, G, Tq, Tk, d, num_sink;
-  double strength, scale;
-};
+using Problem = OebSizes;
 
 Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seg_start,
                       const Tensor& kv_start, double strength, int64_t num_sink, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "oeb_attention: q, k, v must be 4-d (B, H, T, d), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device() &&
-                  seg_start.device() == q.device() && kv_start.device() == q.device(),
-              "oeb_attention (CUDA kernel): q, k, v, seg_start and kv_start must be on one CUDA device, got ",
-              q.device(), ", ", k.device(), ", ", v.device(), ", ", seg_start.device(), ", ", kv_start.device());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "oeb_attention: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "oeb_attention: q must be float32, float64, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(k.sizes() == v.sizes(), "oeb_attention: k and v must have the same shape, got ", k.sizes(), " and ",
-              v.sizes());
-  Problem P{};
-  P.B = q.size(0), P.H = q.size(1), P.Tq = q.size(2), P.d = q.size(3);
-  P.Hkv = k.size(1), P.Tk = k.size(2);
-  TORCH_CHECK(k.size(0) == P.B, "oeb_attention: k has batch ", k.size(0), " but q has batch ", P.B);
-  TORCH_CHECK(k.size(3) == P.d, "oeb_attention: k has head dim ", k.size(3), " but q has head dim ", P.d);
-  TORCH_CHECK(P.Hkv > 0 && P.H % P.Hkv == 0, "oeb_attention: query heads (", P.H,
-              ") must be a multiple of kv heads (", P.Hkv, ")");
-  TORCH_CHECK(P.Tq <= P.Tk, "oeb_attention: q has ", P.Tq, " tokens but k only ", P.Tk);
-  TORCH_CHECK(seg_start.scalar_type() == at::kLong && seg_start.dim() == 2 && seg_start.size(0) == P.B &&
-                  seg_start.size(1) == P.Tq,
-              "oeb_attention: seg_start must be int64 of shape (", P.B, ", ", P.Tq, "), got ",
-              seg_start.scalar_type(), " ", seg_start.sizes());
-  TORCH_CHECK(kv_start.scalar_type() == at::kLong && kv_start.dim() == 1 && kv_start.size(0) == P.B,
-              "oeb_attention: kv_start must be int64 of shape (", P.B, "), got ", kv_start.scalar_type(), " ",
-              kv_start.sizes());
-  TORCH_CHECK(strength >= 0.0 && strength <= 1.0, "oeb_attention: strength must be in [0, 1], got ", strength);
-  TORCH_CHECK(num_sink >= 0, "oeb_attention: num_sink must be >= 0, got ", num_sink);
-  TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "oeb_attention: scale must be a positive number, got ", scale);
-  P.G = P.H / P.Hkv;
-  P.strength = strength, P.scale = scale;
-  P.num_sink = std::min(num_sink, P.Tk);  // more sinks than keys is the same as all keys
-  return P;
+  TORCH_CHECK(q.is_cuda(), "oeb_attention (CUDA kernel): q, k, v, seg_start and kv_start must be on one CUDA "
+              "device, got q on ", q.device());
+  return check_oeb_arguments(q, k, v, seg_start, kv_start, strength, num_sink, scale);
 }
 
 // Validates the index values as the CPU kernel does (one device-to-host copy, so one sync; the

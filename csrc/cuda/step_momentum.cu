@@ -46,7 +46,7 @@
 #include <climits>
 #include <cmath>
 
-#include "stepflow.h"
+#include "checks.h"
 
 namespace stepflow {
 namespace {
@@ -458,24 +458,8 @@ int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 void check_inputs(const char* op, const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor& seg_kinds,
                   double beta, double gamma) {
-  TORCH_CHECK(h.dim() == 3, op, ": h must be a 3-D (B, T, D) tensor, got shape ", h.sizes());
-  TORCH_CHECK(h.is_cuda(), op, ": the CUDA kernel got h on ", h.device());
-  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble || h.scalar_type() == at::kHalf ||
-                  h.scalar_type() == at::kBFloat16,
-              op, ": h must be float32, float64, float16 or bfloat16, got ", h.scalar_type());
-  TORCH_CHECK(seg_ids.dim() == 2 && seg_ids.size(0) == h.size(0) && seg_ids.size(1) == h.size(1), op,
-              ": seg_ids must have shape (B, T) = (", h.size(0), ", ", h.size(1), "), got ", seg_ids.sizes());
-  TORCH_CHECK(seg_ids.scalar_type() == at::kLong, op, ": seg_ids must be int64, got ", seg_ids.scalar_type());
-  TORCH_CHECK(seg_ids.device() == h.device(), op, ": seg_ids must be on ", h.device(), " with h, got ",
-              seg_ids.device());
-  TORCH_CHECK(seg_kinds.dim() == 2 && seg_kinds.size(0) == h.size(0), op,
-              ": seg_kinds must have shape (B, S) with B = ", h.size(0), ", got ", seg_kinds.sizes());
-  TORCH_CHECK(seg_kinds.scalar_type() == at::kLong, op, ": seg_kinds must be int64, got ",
-              seg_kinds.scalar_type());
-  TORCH_CHECK(seg_kinds.device() == h.device(), op, ": seg_kinds must be on ", h.device(), " with h, got ",
-              seg_kinds.device());
-  TORCH_CHECK(beta >= 0.0 && beta < 1.0, op, ": beta must be in [0, 1), got ", beta);
-  TORCH_CHECK(gamma >= 0.0 && std::isfinite(gamma), op, ": gamma must be a finite number >= 0, got ", gamma);
+  TORCH_CHECK(h.dim() == 3 && h.is_cuda(), op, ": the CUDA kernel got h of shape ", h.sizes(), " on ", h.device());
+  check_momentum_arguments(op, h, seg_ids, seg_kinds, beta, gamma);
   // positions and slots are int32 on the device
   TORCH_CHECK(h.size(1) < INT_MAX && seg_kinds.size(1) < INT_MAX, op, ": at most ", INT_MAX - 1,
               " tokens and segments per call, got T = ", h.size(1), ", S = ", seg_kinds.size(1));
@@ -612,22 +596,7 @@ at::Tensor step_momentum_decode_cuda(const at::Tensor& h, const at::Tensor& seg_
                                      at::Tensor& momentum, at::Tensor& step_sum, at::Tensor& counters, double beta,
                                      double gamma) {
   check_inputs("step_momentum_decode_", h, seg_ids, seg_kinds, beta, gamma);
-  const int64_t b = h.size(0), d = h.size(2);
-  for (const auto& [name, x] : {std::pair<const char*, const at::Tensor&>{"momentum", momentum},
-                                {"step_sum", step_sum}}) {
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == b && x.size(1) == d, "step_momentum_decode_: state ", name,
-                " must have shape (B, D) = (", b, ", ", d, "), got ", x.sizes());
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "step_momentum_decode_: state ", name, " must be float32, got ",
-                x.scalar_type());
-    TORCH_CHECK(x.device() == h.device(), "step_momentum_decode_: state ", name, " must be on ", h.device(),
-                " with h, got ", x.device());
-  }
-  TORCH_CHECK(counters.dim() == 2 && counters.size(0) == b && counters.size(1) == 3,
-              "step_momentum_decode_: state counters must have shape (B, 3) = (", b, ", 3), got ", counters.sizes());
-  TORCH_CHECK(counters.scalar_type() == at::kLong, "step_momentum_decode_: state counters must be int64, got ",
-              counters.scalar_type());
-  TORCH_CHECK(counters.device() == h.device(), "step_momentum_decode_: state counters must be on ", h.device(),
-              " with h, got ", counters.device());
+  check_momentum_state(h, momentum, step_sum, counters);
   return run("step_momentum_decode_", h, seg_ids, seg_kinds, beta, gamma, &momentum, &step_sum, &counters);
 }
 

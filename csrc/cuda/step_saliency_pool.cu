@@ -54,7 +54,7 @@
 #include <string>
 #include <type_traits>
 
-#include "stepflow.h"
+#include "checks.h"
 
 namespace stepflow {
 namespace {
@@ -708,42 +708,12 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
                                    const std::optional<at::Tensor>& oeb_seg_start, double oeb_strength,
                                    int64_t oeb_num_sink) {
   const std::string reduction(head_reduction);
-  TORCH_CHECK(reduction == "sum_abs" || reduction == "abs_sum",
-              "step_saliency_pool: head_reduction must be 'sum_abs' or 'abs_sum', got '", reduction, "'");
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && o_in.dim() == 4,
-              "step_saliency_pool: q, k, v, grad_out must be 4-D (B, H, T, d), got ", q_in.sizes(), ", ",
-              k_in.sizes(), ", ", v_in.sizes(), ", ", o_in.sizes());
   const auto device = q_in.device();
   TORCH_CHECK(device.is_cuda(), "step_saliency_pool (CUDA kernel): q must be on a CUDA device, got ", device);
-  for (const at::Tensor* x : {&k_in, &v_in, &o_in, &seg_ids}) {
-    TORCH_CHECK(x->device() == device, "step_saliency_pool (CUDA kernel): all tensors must be on ", device,
-                " with q, got ", x->device());
-  }
+  const SaliencySizes sizes = check_saliency_arguments(q_in, k_in, v_in, o_in, seg_ids, num_segments, scale,
+                                                           reduction);
+  const int64_t B = sizes.B, H = sizes.H, Hkv = sizes.Hkv, Tn = sizes.T, D = sizes.d;
   const auto dtype = q_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "step_saliency_pool: q must be float32, float16, bfloat16 or float64, got ", dtype);
-  TORCH_CHECK(k_in.scalar_type() == dtype && v_in.scalar_type() == dtype && o_in.scalar_type() == dtype,
-              "step_saliency_pool: q, k, v, grad_out must share one dtype, got ", dtype, ", ", k_in.scalar_type(),
-              ", ", v_in.scalar_type(), ", ", o_in.scalar_type());
-  const int64_t B = q_in.size(0), H = q_in.size(1), Tn = q_in.size(2), D = q_in.size(3), Hkv = k_in.size(1);
-  TORCH_CHECK(o_in.sizes() == q_in.sizes(), "step_saliency_pool: grad_out must have the shape of q ",
-              q_in.sizes(), ", got ", o_in.sizes());
-  TORCH_CHECK(k_in.sizes() == v_in.sizes(), "step_saliency_pool: k and v must have the same shape, got ",
-              k_in.sizes(), " and ", v_in.sizes());
-  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D, "step_saliency_pool: k must be (", B, ", H_kv, T, ", D,
-              ") to match q ", q_in.sizes(), ", got ", k_in.sizes());
-  TORCH_CHECK(k_in.size(2) == Tn, "step_saliency_pool: needs Tq == Tk, got q with ", Tn, " tokens and k with ",
-              k_in.size(2));
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "step_saliency_pool: the query heads (", H,
-              ") must be a multiple of the kv heads (", Hkv, ")");
-  TORCH_CHECK(D > 0, "step_saliency_pool: head dim must be positive");
-  TORCH_CHECK(num_segments >= 1, "step_saliency_pool: num_segments must be >= 1, got ", num_segments);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, "step_saliency_pool: scale must be a positive number, got ",
-              scale);
-  TORCH_CHECK(seg_ids.scalar_type() == at::kLong || seg_ids.scalar_type() == at::kInt,
-              "step_saliency_pool: seg_ids must be int64 (or int32), got ", seg_ids.scalar_type());
-  TORCH_CHECK(seg_ids.dim() == 2 && seg_ids.size(0) == B && seg_ids.size(1) == Tn,
-              "step_saliency_pool: seg_ids must have shape (", B, ", ", Tn, "), got ", seg_ids.sizes());
   TORCH_CHECK(Tn < INT_MAX && num_segments < INT_MAX, "step_saliency_pool (CUDA): T and num_segments must be < ",
               INT_MAX);
   TORCH_CHECK(B <= 65535 && H <= 65535, "step_saliency_pool (CUDA): at most 65535 batch rows and heads, got B = ",
