@@ -30,8 +30,9 @@ test: build
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-columns=min,mean,median --benchmark-sort=name
 
+# The main job: the whole method on the embedded tiny reasoner, offline (report in runs/demo/).
 demo: build
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/stepflow demo --out runs/demo
 
 clean:
 	rm -rf build stepflow_ext/_C*.so *.egg-info
