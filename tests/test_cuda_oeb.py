@@ -65,6 +65,18 @@ def locked_rows(stats):
     stats = stats.detach()
     return int(((stats[..., 1] > 0) & (stats[..., 0] > stats[..., 1])).sum())
 
+def locked_case(min_locked, scale, *args, **kwargs):
+    """make_case(*args, **kwargs), drawn again (up to 20 times) until more than `min_locked` rows are
+    locked at this scale: a random segmentation now and then leaves little earlier context."""
+    for _ in range(20):
+        case = make_case(*args, **kwargs)
+        q, k, v, seg_start, kv_start = case
+        stats = reference.oeb_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), seg_start.cpu(),
+                                        kv_start.cpu(), 0.0, 1, scale)[2]
+        if locked_rows(stats) > min_locked:
+            return case
+    raise AssertionError(f"no case with more than {min_locked} locked rows in 20 draws")
+
 
 def assert_close(actual, expected, dtype, what, scale_by_max=False):
     atol, rtol = tolerances(dtype)
@@ -113,7 +125,7 @@ def test_forward_matches_reference_and_cpu(seed, batch, heads, kv_heads, tq, tk,
 
 def test_strength_changes_output(seed):
     """The rebalance is active on the GPU: strength 1 moves the output, many rows are locked."""
-    q, k, v, seg_start, kv_start = make_case(2, 4, 2, 70, 70, 64, torch.bfloat16)
+    q, k, v, seg_start, kv_start = locked_case(40, 0.125, 2, 4, 2, 70, 70, 64, torch.bfloat16)
     base, _, stats = ops.oeb_attention(q, k, v, seg_start, kv_start, 0.0, 1, 0.125)
     strong, _, _ = ops.oeb_attention(q, k, v, seg_start, kv_start, 1.0, 1, 0.125)
     assert locked_rows(stats) > 40
