@@ -50,7 +50,7 @@ def batches(encoded, batch_size, pad_id, rng):
     order = list(range(len(encoded)))
     while True:
         rng.shuffle(order)
-        chunk = 16 * batch_size
+        chunk = min(16, len(order) // batch_size) * batch_size
         for start in range(0, len(order) - chunk + 1, chunk):
             group = sorted(order[start:start + chunk], key=lambda i: len(encoded[i][0]))
             group_batches = [group[j:j + batch_size] for j in range(0, chunk, batch_size)]
@@ -97,6 +97,8 @@ def plot(log, path):
     acc.plot([r["update"] for r in log["dev"]], [r["accuracy"] for r in log["dev"]], "o-", color="tab:red", ms=3)
     acc.set_ylim(0, 1.02)
     acc.set_ylabel("dev accuracy (1-6 steps)", color="tab:red")
+    for stage in log.get("earlier_stages", []):   # mark where each later stage started
+        ax.axvline(stage["loss"][-1]["update"] if stage["loss"] else 0, color="gray", ls=":", lw=1)
     ax.set_title("tiny reasoner training")
     fig.tight_layout()
     fig.savefig(path)
@@ -108,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--out", default=PACKAGED_DIR, help="where to save model + tokenizer (default: packaged)")
     parser.add_argument("--plot", default=os.path.join(ROOT, "docs", "tiny_reasoner_training.png"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", metavar="DIR", help="start from the model + tokenizer saved in DIR (a second stage; "
+                        "the architecture options are then ignored)")
     # One thread by default: on a shared 2-core machine two threads stall at every op's barrier
     # (measured 9x slower per update here); on a quiet machine --threads 2 is faster.
     parser.add_argument("--threads", type=int, default=1)
@@ -136,12 +140,19 @@ def main(argv=None):
     rng = random.Random(args.seed)
     started = time.time()
 
-    tok = build_tokenizer()
+    if args.init:   # a further stage: the model and tokenizer of an earlier run, a fresh schedule
+        import transformers
+        tok = transformers.AutoTokenizer.from_pretrained(args.init, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.init, local_files_only=True, dtype=torch.float32)
+    else:
+        tok = build_tokenizer()
+        model = new_model(len(tok), tok.eos_token_id, tok.pad_token_id, layers=args.layers, hidden=args.hidden,
+                          intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, seed=args.seed)
     splits = tasks.build_splits(args.train_items, 200, args.test_per_steps)
     encoded = [encode(tok, p) for p, _ in splits["train"]]
+    if len(encoded) < args.batch_size:
+        parser.error(f"--train-items ({args.train_items}) must be at least --batch-size ({args.batch_size})")
     dev = splits["dev"][:args.dev_items]
-    model = new_model(len(tok), tok.eos_token_id, tok.pad_token_id, layers=args.layers, hidden=args.hidden,
-                      intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters, vocab {len(tok)}, {len(encoded)} train items "
           f"(setup {time.time() - started:.1f}s)", flush=True)
@@ -151,6 +162,14 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     log = {"settings": vars(args) | {"parameters": n_params, "vocab": len(tok)}, "loss": [], "dev": []}
+    offset = 0   # updates done by earlier stages: the curves continue their numbering
+    if args.init and os.path.isfile(os.path.join(args.init, "train_log.json")):
+        with open(os.path.join(args.init, "train_log.json")) as f:
+            earlier = json.load(f)
+        log["earlier_stages"] = earlier.pop("earlier_stages", []) + [earlier]
+        offset = sum(stage["settings"]["updates"] for stage in log["earlier_stages"])
+        log["loss"] = [r for stage in log["earlier_stages"] for r in stage["loss"]]
+        log["dev"] = [r for stage in log["earlier_stages"] for r in stage["dev"]]
     model.train()
     stream = batches(encoded, args.batch_size, tok.pad_token_id, rng)
     tokens, window, train_time = 0, [], 0.0
@@ -168,7 +187,7 @@ def main(argv=None):
         tokens += int(mask.sum())
         window.append(loss.item())
         if (update + 1) % 20 == 0:
-            log["loss"].append({"update": update + 1, "loss": sum(window) / len(window)})
+            log["loss"].append({"update": offset + update + 1, "loss": sum(window) / len(window)})
             print(f"update {update + 1}/{args.updates} loss {log['loss'][-1]['loss']:.4f} "
                   f"lr {opt.param_groups[0]['lr']:.2e} {tokens / train_time:.0f} tok/s "
                   f"elapsed {time.time() - started:.0f}s", flush=True)
@@ -176,7 +195,7 @@ def main(argv=None):
         if (update + 1) % args.eval_every == 0 or update + 1 == args.updates:
             t1 = time.time()
             hits = accuracy(model, tok, dev)
-            log["dev"].append({"update": update + 1, "accuracy": sum(hits) / len(hits)})
+            log["dev"].append({"update": offset + update + 1, "accuracy": sum(hits) / len(hits)})
             print(f"  dev accuracy {log['dev'][-1]['accuracy']:.3f} ({len(hits)} items, {time.time() - t1:.1f}s)",
                   flush=True)
 
