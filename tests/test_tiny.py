@@ -125,10 +125,19 @@ def test_tokenizer_has_the_markers_as_single_tokens(packaged):
         ids = tok.encode(text, add_special_tokens=False)
         assert len(ids) == 1 and tok.decode(ids) == text, text
     assert tok.eos_token == "<|end|>" and tok.pad_token == "<|pad|>" and tok.eos_token_id != tok.pad_token_id
+    assert len(tok) <= packaged[0].config.vocab_size   # no id past the embedding (AutoTokenizer adds none)
     p = tasks.generate(1, 2, seed=3)[0]
     prompt = tok.apply_chat_template([{"role": "user", "content": p.question}], add_generation_prompt=True,
                                      tokenize=False)
     assert prompt == p.prompt and prompt.endswith("<think>\n")
+
+
+def test_build_tokenizer_reproduces_the_packaged_one():
+    from stepflow_ext.tiny.tokenizer import build_tokenizer
+    built = json.loads(build_tokenizer().backend_tokenizer.to_str())
+    with open(os.path.join(PACKAGED_DIR, "tokenizer.json")) as f:
+        shipped = json.load(f)
+    assert built["model"] == shipped["model"] and built["added_tokens"] == shipped["added_tokens"]
 
 
 @pytest.mark.parametrize("steps", [1, 4, 12])
@@ -177,9 +186,11 @@ def test_step_saliency_and_stepflow_run_on_the_tiny_reasoner(packaged):
     seg = sf.segment(ids, prompt.shape[1], tokenizer=tok)
     assert seg.kinds[0] == ["question"] + ["step"] * 4 + ["summary"]
     result = sf.step_saliency(model, ids, seg)
-    assert result.maps.shape == (model.config.num_hidden_layers, 1, 6, 6)
-    rows = result.normalized("row")[:, 0]
-    assert torch.allclose(rows[:, 5].sum(-1), torch.ones(model.config.num_hidden_layers), atol=1e-4)
+    layers = model.config.num_hidden_layers
+    assert result.maps.shape == (1, layers, 6, 6)
+    rows = result.normalized("row")[0]   # (layers, S, S): the share of each row's saliency per source
+    assert torch.allclose(rows[:, 5].sum(-1), torch.ones(layers), atol=1e-4)
+    assert bool((rows[:, 5, 1:5].sum(-1) > 0).all())   # the summary draws on the thinking steps
     with sf.replace_attention(model, sf.StepFlowConfig.default_for(model), tokenizer=tok) as handle:
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=100, do_sample=False, pad_token_id=tok.pad_token_id)

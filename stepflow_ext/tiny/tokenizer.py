@@ -41,6 +41,9 @@ def build_tokenizer(corpus_size: int = 3000, seed: int = 0):
     corpus = [render(p) for p in generate(corpus_size, range(1, 13), seed)]
     tok.train_from_iterator(corpus, trainer)
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in THINK_TOKENS])  # after training
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+    # unk = pad: byte-level BPE never needs an unknown token, and naming an existing one stops
+    # transformers' Qwen2Tokenizer (what AutoTokenizer picks for a qwen2 model) from adding
+    # "<|endoftext|>" as a new id past the model's embedding.
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=PAD)
     fast.chat_template = CHAT_TEMPLATE
     return fast
