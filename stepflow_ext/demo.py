@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-DEFAULT_GRID = "oeb_strength=0.25,0.5,1.0;smi_gamma=0.02,0.1"
+DEFAULT_GRID = "oeb_strength=0.5,1.0;smi_gamma=0.05,0.2"
 
 HONESTY = (
     "What this measures: the accuracy of THIS model on THESE items, greedy decoding, with and without "
@@ -91,12 +91,14 @@ def _stage(title: str) -> float:
     return time.time()
 
 
-def _group_of(record: dict) -> str:
-    steps = record.get("steps")
-    kind = record.get("split_kind")
+def _groups_of(record: dict) -> list[str]:
+    """The rows of the by-length table an item counts in: its split kind (all of them) and its length."""
+    steps, kind = record.get("steps"), record.get("split_kind")
+    short = {"in_distribution": "in-distribution", "longer": "longer"}.get(kind, kind)
+    groups = [f"all {short}"] if short else []
     if isinstance(steps, int):
-        return f"{kind + ', ' if kind else ''}{steps} steps"
-    return kind or "all"
+        groups.append(f"{steps} steps" + (f" ({short})" if short else ""))
+    return groups or ["all"]
 
 
 def by_group(run_dir: str, groups: dict) -> dict:
@@ -160,9 +162,10 @@ def cmd_demo(args) -> int:
     dev = write_subset(dev_src, os.path.join(out, "data", "dev.jsonl"), args.per_length, args.items)
     test = write_subset(test_src, os.path.join(out, "data", "test.jsonl"), args.per_length, args.items)
     print(f"dev: {len(dev)} items from {dev_src}; test: {len(test)} items from {test_src}")
-    groups = collections.defaultdict(list)  # chain length -> item ids, as the eval names them
+    groups = collections.defaultdict(list)  # table row -> item ids, as the eval names them
     for item in load_items(os.path.join(out, "data", "test.jsonl"), args.task)[0]:
-        groups[_group_of(item.meta or {})].append(item.id)
+        for group in _groups_of(item.meta or {}):
+            groups[group].append(item.id)
     common = ["--model", model, "--task", args.task, "--device", args.device, "--dtype", args.dtype,
               "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
               "--instruction", instruction]
@@ -205,8 +208,8 @@ def cmd_demo(args) -> int:
             g = per_run[n].get(group)
             row.append("n/a" if g is None else f"{100 * g[1]:.0f} [{100 * g[2][0]:.0f}, {100 * g[2][1]:.0f}]")
         length_rows.append(row)
-    length_header = ["items", "n"] + [f"{n} %" for n in names]
-    cli._print_table("pass@1 by chain length (95% bootstrap CI)", length_header, length_rows)
+    length_header = ["items", "n"] + names
+    cli._print_table("pass@1 % by chain length [95% bootstrap CI]", length_header, length_rows)
 
     t = _stage("5/6 Step-Saliency of the baseline's test traces, before and after the chosen config")
     traces = pick_traces(dirs[0], args.traces)
@@ -239,7 +242,7 @@ def cmd_demo(args) -> int:
              "95% CI and p-value; b01: items the baseline got wrong and the run right, b10: the reverse. "
              "random-attn / random-residual: the chosen config with OEB / SMI replaced by its control "
              "(docs/method.md, Controls).")
-    rep.heading("Accuracy by chain length")
+    rep.heading("Accuracy by chain length (pass@1 %, 95% bootstrap CI)")
     rep.table(length_header, length_rows)
     if traces:
         rep.heading("Step-Saliency of the baseline's own traces")
@@ -282,8 +285,8 @@ def add_parser(sub, raw):
     p.add_argument("--dev", default=None, metavar="FILE", help="dev items the config is chosen on (needed with --data)")
     p.add_argument("--task", default="math", choices=("math", "mcq", "code"))
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo; resumable)")
-    p.add_argument("--per-length", type=int, default=4, metavar="K",
-                   help="items per chain length when the items have a 'steps' field (default 4)")
+    p.add_argument("--per-length", type=int, default=6, metavar="K",
+                   help="items per chain length when the items have a 'steps' field (default 6)")
     p.add_argument("--items", type=int, default=40, metavar="N",
                    help="items per split when they have no 'steps' field (default 40)")
     p.add_argument("--grid", default=DEFAULT_GRID, help=f"the sweep's grid on dev (default {DEFAULT_GRID!r})")

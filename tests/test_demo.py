@@ -39,7 +39,32 @@ def test_demo_on_a_random_model(tmp_path, capsys):
     assert "Paired" in html or "paired" in html
     assert "says nothing, by itself, about large reasoning models" in html
     text = capsys.readouterr().out
-    assert "6/6 report" in text and "pass@1 by chain length" in text
+    assert "6/6 report" in text and "by chain length" in text
+
+
+def test_groups_of_an_item():
+    assert demo._groups_of({"steps": 8, "split_kind": "longer"}) == ["all longer", "8 steps (longer)"]
+    assert demo._groups_of({"steps": 3}) == ["3 steps"]
+    assert demo._groups_of({}) == ["all"]
+
+
+def test_demo_on_the_embedded_model(tmp_path, capsys):
+    """The default pipeline, shrunk (one item per chain length): the embedded model reaches summaries, so
+    the Step-Saliency stage runs and the report embeds its pictures."""
+    out = tmp_path / "demo"
+    status = cli.main(["demo", "--per-length", "1", "--grid", "oeb_strength=1.0", "--traces", "3",
+                       "--n-boot", "200", "--device", "cpu", "--out", str(out)])
+    assert status == 0
+    paired = json.loads((out / "paired.json").read_text())
+    assert paired["items_in_common"] == 10  # 2-6 and 8-12 steps, one each
+    baseline = paired["runs"][0]["accuracy"]["pass@1"]
+    assert baseline >= 0.3, "the shipped model should solve its short chains"
+    for png in ("analyze/aggregate_heatmaps.png", "analyze/aggregate_curves.png", "compare/side_by_side.png"):
+        assert (out / png).stat().st_size > 10_000, png
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4
+    md = (out / "report.md").read_text()
+    assert "| all longer | 5 |" in md and "| all in-distribution | 5 |" in md
 
 
 def test_demo_refuses_test_data_without_dev(tmp_path, capsys):
