@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_seg_ids, tolerances
+from conftest import tolerances
+from test_oeb_attention import locked_case, locked_rows, make_case as cpu_case
 
 from stepflow_ext import ops, reference
 
@@ -23,33 +24,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEV = "cuda"
 
 
-def make_case(batch, heads, kv_heads, tq, tk, dim, dtype, sharp=2.0, full_pad_row=False, device=DEV):
-    """Random q, k, v (rounded to dtype) and seg_start / kv_start from a random segmentation.
-
-    As in tests/test_oeb_attention.py: the segmentation covers all Tk keys and a decode / chunk
-    call takes the last Tq queries; queries lean towards the keys of the last segment so that
-    many rows are locked (p_C > p_X). full_pad_row makes the last batch row all padding but its
-    last key, so some queries of a chunk see no key at all.
-    """
-    seg_ids, seg_kinds, _ = random_seg_ids(batch, tk)
-    if full_pad_row and batch > 1:
-        seg_ids[-1, :-1] = -1
-        seg_ids[-1, -1] = 1
-    seg_start = reference.seg_start_from_seg_ids(seg_ids, seg_kinds)[:, tk - tq:].contiguous()
-    kv_start = (seg_ids < 0).sum(dim=1)
-    q = sharp * torch.randn(batch, heads, tq, dim, dtype=torch.float64)
-    k = torch.randn(batch, kv_heads, tk, dim, dtype=torch.float64)
-    v = torch.randn(batch, kv_heads, tk, dim, dtype=torch.float64)
-    u = torch.randn(dim, dtype=torch.float64)
-    u = u * (2.0 * dim) ** 0.5 / u.norm()
-    q += u
-    for b in range(batch):
-        start = int(seg_start[b, -1]) if tq else -1
-        if start >= 0:
-            k[b, :, start:] += u
-    to = dict(device=device)
-    return (q.to(dtype).to(**to), k.to(dtype).to(**to), v.to(dtype).to(**to), seg_start.to(**to),
-            kv_start.to(**to))
+def make_case(*args, device=DEV, **kwargs):
+    """tests/test_oeb_attention.py's case (drawn on the CPU), on the GPU."""
+    return cpu_case(*args, device=device, **kwargs)
 
 
 def ref64(q, k, v, seg_start, kv_start, strength, num_sink, scale):
@@ -59,23 +36,6 @@ def ref64(q, k, v, seg_start, kv_start, strength, num_sink, scale):
 
 def on_cpu(*xs):
     return [x.cpu() if isinstance(x, torch.Tensor) else x for x in xs]
-
-
-def locked_rows(stats):
-    stats = stats.detach()
-    return int(((stats[..., 1] > 0) & (stats[..., 0] > stats[..., 1])).sum())
-
-def locked_case(min_locked, scale, *args, **kwargs):
-    """make_case(*args, **kwargs), drawn again (up to 20 times) until more than `min_locked` rows are
-    locked at this scale: a random segmentation now and then leaves little earlier context."""
-    for _ in range(20):
-        case = make_case(*args, **kwargs)
-        q, k, v, seg_start, kv_start = case
-        stats = reference.oeb_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), seg_start.cpu(),
-                                        kv_start.cpu(), 0.0, 1, scale)[2]
-        if locked_rows(stats) > min_locked:
-            return case
-    raise AssertionError(f"no case with more than {min_locked} locked rows in 20 draws")
 
 
 def assert_close(actual, expected, dtype, what, scale_by_max=False):
@@ -125,7 +85,7 @@ def test_forward_matches_reference_and_cpu(seed, batch, heads, kv_heads, tq, tk,
 
 def test_strength_changes_output(seed):
     """The rebalance is active on the GPU: strength 1 moves the output, many rows are locked."""
-    q, k, v, seg_start, kv_start = locked_case(40, 0.125, 2, 4, 2, 70, 70, 64, torch.bfloat16)
+    q, k, v, seg_start, kv_start = locked_case(40, 0.125, 2, 4, 2, 70, 70, 64, torch.bfloat16, device=DEV)
     base, _, stats = ops.oeb_attention(q, k, v, seg_start, kv_start, 0.0, 1, 0.125)
     strong, _, _ = ops.oeb_attention(q, k, v, seg_start, kv_start, 1.0, 1, 0.125)
     assert locked_rows(stats) > 40

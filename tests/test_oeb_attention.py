@@ -15,13 +15,13 @@ from stepflow_ext import ops, reference
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def make_case(batch, heads, kv_heads, tq, tk, dim, dtype, sharp=2.0, full_pad_row=False):
+def make_case(batch, heads, kv_heads, tq, tk, dim, dtype, sharp=2.0, full_pad_row=False, device="cpu"):
     """Random q, k, v (rounded to dtype) and seg_start / kv_start from a random segmentation.
 
     The segmentation covers all Tk keys (as a prefill would); a decode / chunked call takes
     the last Tq queries. `sharp` scales q so that many rows are locked (p_C > p_X).
     full_pad_row makes the last batch row all padding but its last key, so some queries of a
-    chunk see no key at all.
+    chunk see no key at all. Drawn on the CPU (the same numbers for every device), then moved to `device`.
     """
     seg_ids, seg_kinds, _ = random_seg_ids(batch, tk)
     if full_pad_row and batch > 1:
@@ -41,7 +41,7 @@ def make_case(batch, heads, kv_heads, tq, tk, dim, dtype, sharp=2.0, full_pad_ro
         start = int(seg_start[b, -1]) if tq else -1
         if start >= 0:
             k[b, :, start:] += u
-    return q.to(dtype), k.to(dtype), v.to(dtype), seg_start, kv_start
+    return tuple(x.to(dtype).to(device) for x in (q, k, v)) + (seg_start.to(device), kv_start.to(device))
 
 
 def ref64(q, k, v, seg_start, kv_start, strength, num_sink, scale):
