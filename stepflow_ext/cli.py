@@ -426,16 +426,8 @@ def cmd_analyze(args) -> int:
         if len(done) > limit:
             report.text(f"Pictures of the other {len(done) - limit} traces were not drawn (--plots {args.plots}); "
                         "their maps are in traces/.")
-        if errors:
-            report.heading("Failed")
-            report.pre("\n".join(str(e) for e in errors))
-        html_path, _ = report.write(out)
-        _err(f"report: {html_path}")
-    _err(f"results in {out}/ ({len(done)} trace{'s' if len(done) != 1 else ''})")
-    if not done and not errors:
-        _err("no traces in the file")
-        return 1
-    return _finish(errors)
+        _write_report(report, out, errors)
+    return _end_of_run(out, done, errors)
 
 
 def _diag_row(name, res, rep):
@@ -659,12 +651,22 @@ def cmd_compare(args) -> int:
                                         highlight={"lock_in_index": (cfg.oeb_layers, "OEB layers"),
                                                    "summary_thinking_share": (cfg.smi_layers, "SMI layers")})
                 report.image(path, f"{t.name}: curves before and after")
-        if errors:
-            report.heading("Failed")
-            report.pre("\n".join(str(e) for e in errors))
-        html_path, _ = report.write(out)
-        _err(f"report: {html_path}")
-    _err(f"results in {out}/ ({len(done)} trace{'s' if len(done) != 1 else ''} compared)")
+        _write_report(report, out, errors)
+    return _end_of_run(out, done, errors, " compared")
+
+
+def _write_report(report, out, errors) -> None:
+    """analyze/compare: the traces that failed go into the report too, then it is written."""
+    if errors:
+        report.heading("Failed")
+        report.pre("\n".join(str(e) for e in errors))
+    html_path, _ = report.write(out)
+    _err(f"report: {html_path}")
+
+
+def _end_of_run(out, done, errors, what="") -> int:
+    """analyze/compare: where the results are, and the exit status."""
+    _err(f"results in {out}/ ({len(done)} trace{'s' if len(done) != 1 else ''}{what})")
     if not done and not errors:
         _err("no traces in the file")
         return 1
