@@ -32,6 +32,16 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append(("seed", f"rerun with STEPFLOW_TEST_SEED={value}"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread is faster than fighting for cores
+    (modules opt in with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tolerances(dtype):
     """(atol, rtol) for comparing a kernel in `dtype` against a float64 reference."""
     return {torch.float64: (1e-9, 1e-7), torch.float32: (2e-5, 2e-4),

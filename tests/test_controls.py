@@ -14,7 +14,7 @@ import torch
 import stepflow_ext as sf
 from stepflow_ext import controls, reference
 from hf_models import model as make_model, tokenizer as make_tokenizer
-from test_hf import TRACE, batch
+from test_hf import batch, decode_and_prefill
 
 SCALE = 8 ** -0.5
 
@@ -183,36 +183,13 @@ def test_random_residual_norm_tokens_and_directions():
     assert (outputs[1]["after"] - outputs[1]["before"]).abs().max() > 0
 
 
-def _decode_and_prefill(model, tok, control, cfg, seed=0):
-    """Token-by-token decode of TRACE under online tracking, and one teacher-forced pass."""
-    trace = tok(TRACE)["input_ids"]
-    prompt_ids, prompt_mask, _ = batch(tok, with_trace=False)
-    with torch.no_grad(), sf.replace_attention(model, cfg, tokenizer=tok, control=control,
-                                               control_seed=seed) as handle:
-        out = model(prompt_ids, attention_mask=prompt_mask, use_cache=True)
-        cache, m, step_logits = out.past_key_values, prompt_mask, [out.logits[:, -1]]
-        for t in trace:
-            nxt = torch.full((2, 1), t)
-            m = torch.cat([m, torch.ones_like(nxt)], 1)
-            out = model(nxt, attention_mask=m, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            step_logits.append(out.logits[:, -1])
-        seg = handle.segmentation()
-        assert seg.kinds[0].count("step") == 3 and seg.kinds[0][-1] == "summary"
-        full_ids = torch.cat([prompt_ids, torch.tensor([trace] * 2)], 1)
-        handle.set_segmentation(seg)
-        full = model(full_ids, attention_mask=m).logits
-    p = prompt_ids.shape[1]
-    return torch.stack(step_logits, 1), full[:, p - 1:], full_ids, m
-
-
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("control", ["random-attn", "random-residual"])
 def test_decode_equals_prefill(arch, control):
     tok = make_tokenizer()
     model = make_model(arch)
     cfg = sf.StepFlowConfig(oeb_layers=(0, 1), oeb_strength=0.8, smi_layers=(2, 3), smi_gamma=0.3)
-    decoded, prefilled, full_ids, mask = _decode_and_prefill(model, tok, control, cfg)
+    decoded, prefilled, full_ids, mask, _ = decode_and_prefill(model, tok, cfg, control=control, control_seed=0)
     torch.testing.assert_close(decoded, prefilled, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         stock = model(full_ids, attention_mask=mask).logits[:, -decoded.shape[1]:]

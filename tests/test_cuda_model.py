@@ -13,7 +13,7 @@ import torch
 
 import stepflow_ext as sf
 from hf_models import model as make_model, tokenizer as make_tokenizer
-from test_hf import TRACE, batch
+from test_hf import batch, decode_and_prefill
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -53,26 +53,9 @@ def test_forced_pass_on_gpu_equals_cpu(dtype):
 def test_decode_equals_prefill_on_gpu(dtype):
     tok = make_tokenizer()
     _, model = _pair(dtype)
-    trace = tok(TRACE)["input_ids"]
-    prompt_ids, prompt_mask, _ = batch(tok, with_trace=False)
-    prompt_ids, prompt_mask = prompt_ids.cuda(), prompt_mask.cuda()
-    with sf.replace_attention(model, CFG, tokenizer=tok) as handle:
-        out = model(prompt_ids, attention_mask=prompt_mask, use_cache=True)
-        cache, m, step_logits = out.past_key_values, prompt_mask, [out.logits[:, -1]]
-        for t in trace:
-            nxt = torch.full((2, 1), t, device="cuda")
-            m = torch.cat([m, torch.ones_like(nxt)], 1)
-            out = model(nxt, attention_mask=m, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            step_logits.append(out.logits[:, -1])
-        seg = handle.segmentation()
-        assert seg.kinds[0].count("step") == 3 and seg.kinds[0][-1] == "summary"
-        full_ids = torch.cat([prompt_ids, torch.tensor([trace] * 2, device="cuda")], 1)
-        handle.set_segmentation(seg)
-        full = model(full_ids, attention_mask=m).logits
-    p = prompt_ids.shape[1]
+    decoded, prefilled, _, _, _ = decode_and_prefill(model, tok, CFG, device="cuda")
     tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
-    torch.testing.assert_close(torch.stack(step_logits, 1).float(), full[:, p - 1:].float(), **tol)
+    torch.testing.assert_close(decoded.float(), prefilled.float(), **tol)
 
 
 def test_generate_on_gpu_equals_hand_decoding():

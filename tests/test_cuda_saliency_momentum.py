@@ -25,6 +25,7 @@ from conftest import random_seg_ids, tolerances
 from stepflow_ext import ops
 from stepflow_ext import reference as ref
 from stepflow_ext.reference import QUESTION, STEP, SUMMARY
+from test_step_momentum import rows_to_tensors
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -387,18 +388,6 @@ SPECIAL_ROWS = [
     ([], [Q], "left"),
     ([1, 2, 2, 1], [Q, P, M, M], "left"),
 ]
-
-
-def rows_to_tensors(rows):
-    seg_rows = [[s for s, n in enumerate(lengths) for _ in range(n)] for lengths, _, _ in rows]
-    length = max(len(r) for r in seg_rows)
-    seg_ids = torch.full((len(rows), length), -1, dtype=torch.long)
-    seg_kinds = torch.full((len(rows), max(len(k) for _, k, _ in rows)), STEP, dtype=torch.long)
-    for b, ((_, kinds, pad), ids) in enumerate(zip(rows, seg_rows)):
-        start = length - len(ids) if pad == "left" else 0
-        seg_ids[b, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
-        seg_kinds[b, :len(kinds)] = torch.tensor(kinds)
-    return seg_ids, seg_kinds
 
 
 def smi_case(b, t, d, dtype, pad="left", max_segments=8):

@@ -27,12 +27,7 @@ CONTRACT_FIELDS = {"item_id", "sample", "task", "prompt", "completion", "extract
 UNTIMED = ("time_s", "grade_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

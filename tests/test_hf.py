@@ -205,33 +205,42 @@ def _greedy_with_logits(model, ids, mask, steps):
     return torch.cat(tokens, 1), torch.stack(logits, 1), mask
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_decode_equals_prefill(arch):
-    """Decoding token by token under online tracking gives the logits of one teacher-forced pass."""
-    tok = make_tokenizer()
-    model = make_model(arch)
-    ids, mask, _ = batch(tok)
-    # Force a trajectory with several steps and a summary: feed the trace as the "generated" tokens.
+def decode_and_prefill(model, tok, cfg, device="cpu", **install):
+    """Decode TRACE token by token under online tracking (replace_attention(model, cfg, **install)),
+    then one teacher-forced pass of the same tokens with the tracked segmentation. Returns the logits
+    of each decode step, the prefill's logits at the same positions, the ids, the mask and the
+    tracked segmentation."""
     trace = tok(TRACE)["input_ids"]
     prompt_ids, prompt_mask, _ = batch(tok, with_trace=False)
-    cfg = sf.StepFlowConfig(oeb_layers=(0, 1), oeb_strength=0.8, smi_layers=(2, 3), smi_gamma=0.3)
-    with sf.replace_attention(model, cfg, tokenizer=tok) as handle:
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    with torch.no_grad(), sf.replace_attention(model, cfg, tokenizer=tok, **install) as handle:
         out = model(prompt_ids, attention_mask=prompt_mask, use_cache=True)
         cache, m, step_logits = out.past_key_values, prompt_mask, [out.logits[:, -1]]
         for t in trace:
-            nxt = torch.full((2, 1), t)
+            nxt = torch.full((2, 1), t, device=device)
             m = torch.cat([m, torch.ones_like(nxt)], 1)
             out = model(nxt, attention_mask=m, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             step_logits.append(out.logits[:, -1])
         seg = handle.segmentation()
         assert seg.kinds[0].count("step") == 3 and seg.kinds[0][-1] == "summary"
-        full_ids = torch.cat([prompt_ids, torch.tensor([trace] * 2)], 1)
+        full_ids = torch.cat([prompt_ids, torch.tensor([trace] * 2, device=device)], 1)
         handle.set_segmentation(seg)
         full = model(full_ids, attention_mask=m).logits
     p = prompt_ids.shape[1]
-    torch.testing.assert_close(torch.stack(step_logits, 1), full[:, p - 1:], atol=1e-4, rtol=1e-4)
-    offline = sf.segment(full_ids, prompt_mask.sum(1).tolist(), tokenizer=tok, attention_mask=m)
+    return torch.stack(step_logits, 1), full[:, p - 1:], full_ids, m, seg
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_decode_equals_prefill(arch):
+    """Decoding token by token under online tracking gives the logits of one teacher-forced pass."""
+    tok = make_tokenizer()
+    model = make_model(arch)
+    cfg = sf.StepFlowConfig(oeb_layers=(0, 1), oeb_strength=0.8, smi_layers=(2, 3), smi_gamma=0.3)
+    decoded, prefilled, full_ids, mask, seg = decode_and_prefill(model, tok, cfg)
+    torch.testing.assert_close(decoded, prefilled, atol=1e-4, rtol=1e-4)
+    _, prompt_mask, _ = batch(tok, with_trace=False)
+    offline = sf.segment(full_ids, prompt_mask.sum(1).tolist(), tokenizer=tok, attention_mask=mask)
     assert torch.equal(offline.seg_ids, seg.seg_ids)
 
 
