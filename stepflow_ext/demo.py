@@ -158,23 +158,24 @@ def cmd_demo(args) -> int:
     out = args.out
     os.makedirs(out, exist_ok=True)
 
-    t = _stage("1/6 data")
-    dev = write_subset(dev_src, os.path.join(out, "data", "dev.jsonl"), args.per_length, args.items)
-    test = write_subset(test_src, os.path.join(out, "data", "test.jsonl"), args.per_length, args.items)
+    _stage("1/6 data")
+    dev_path, test_path = os.path.join(out, "data", "dev.jsonl"), os.path.join(out, "data", "test.jsonl")
+    dev = write_subset(dev_src, dev_path, args.per_length, args.items)
+    test = write_subset(test_src, test_path, args.per_length, args.items)
     print(f"dev: {len(dev)} items from {dev_src}; test: {len(test)} items from {test_src}")
     groups = collections.defaultdict(list)  # table row -> item ids, as the eval names them
-    for item in load_items(os.path.join(out, "data", "test.jsonl"), args.task)[0]:
+    for item in load_items(test_path, args.task)[0]:
         for group in _groups_of(item.meta or {}):
             groups[group].append(item.id)
-    common = ["--model", model, "--task", args.task, "--device", args.device, "--dtype", args.dtype,
+    placement = ["--device", args.device, "--dtype", args.dtype]
+    common = ["--model", model, "--task", args.task, *placement,
               "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
               "--instruction", instruction]
     status = 0
 
     t = _stage("2/6 sweep on dev, then baseline / chosen / controls on test")
     sweep_dir = os.path.join(out, "sweep")
-    status = max(status, cli.main(["sweep", *common, "--dev", os.path.join(out, "data", "dev.jsonl"),
-                                   "--test", os.path.join(out, "data", "test.jsonl"), "--grid", args.grid,
+    status = max(status, cli.main(["sweep", *common, "--dev", dev_path, "--test", test_path, "--grid", args.grid,
                                    "--with-controls", "--out", sweep_dir]))
     chosen_path = os.path.join(sweep_dir, "chosen.json")
     if not os.path.isfile(chosen_path):
@@ -189,11 +190,11 @@ def cmd_demo(args) -> int:
 
     t = _stage("3/6 StepFlow's default config on test")
     default_dir = os.path.join(out, "test_default")
-    status = max(status, cli.main(["eval", *common, "--data", os.path.join(out, "data", "test.jsonl"),
+    status = max(status, cli.main(["eval", *common, "--data", test_path,
                                    "--stepflow", "default", "--out", default_dir]))
     print(f"({time.time() - t:.0f} s)")
 
-    t = _stage("4/6 paired comparison on test")
+    _stage("4/6 paired comparison on test")
     names = ["baseline", "default", "chosen", "random-attn", "random-residual"]
     dirs = [os.path.join(sweep_dir, "test", "baseline"), default_dir] + \
         [os.path.join(sweep_dir, "test", n) for n in names[2:]]
@@ -217,12 +218,11 @@ def cmd_demo(args) -> int:
     with open(trace_path, "w", encoding="utf-8") as f:
         for tr in traces:
             f.write(json.dumps(tr) + "\n")
-    analysis = [a for a in ("--device", args.device, "--dtype", args.dtype)]
     analyze_dir, compare_dir = os.path.join(out, "analyze"), os.path.join(out, "compare")
     if traces:
-        status = max(status, cli.main(["analyze", "--model", model, *analysis, "--traces", trace_path,
+        status = max(status, cli.main(["analyze", "--model", model, *placement, "--traces", trace_path,
                                        "--out", analyze_dir]))
-        status = max(status, cli.main(["compare", "--model", model, *analysis, "--traces", trace_path,
+        status = max(status, cli.main(["compare", "--model", model, *placement, "--traces", trace_path,
                                        "--stepflow", config_path, "--out", compare_dir]))
     else:
         cli._err("demo: no baseline completion reached a summary; no Step-Saliency maps")
