@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from .config import CONTROLS
 from .traces import (TraceError, TraceWriter, apply_template, encode_prompt, read_prompts, read_traces, write_json)
 
 
@@ -1007,7 +1008,7 @@ def _eval_parsers(sub, raw):
     p.add_argument("--stepflow", default="none", metavar="CONFIG.json|default|none",
                    help="generate under StepFlow: a StepFlowConfig JSON, default (StepFlowConfig.default_for the "
                         "model) or none (default: none, the baseline)")
-    p.add_argument("--control", default="none", choices=("none", "random-attn", "random-residual"),
+    p.add_argument("--control", default="none", choices=("none", *CONTROLS),
                    help="instead of StepFlow, a control in the same layers with the same sizes (docs/method.md, "
                         "Controls); needs --stepflow")
     p.add_argument("--control-seed", type=int, default=0, metavar="S", help="seed of the control's random "

@@ -6,6 +6,10 @@ import json
 from typing import Iterable
 
 
+# The evaluation controls that can stand in for one of StepFlow's components (docs/method.md, "Controls").
+CONTROLS = ("random-attn", "random-residual")
+
+
 def _as_layers(name, value) -> tuple[int, ...]:
     if value is None:
         return ()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import controls, hf, ops
-from .config import StepFlowConfig
+from .config import CONTROLS, StepFlowConfig
 from .segment import Segmentation, StepTracker, segment
 
 
@@ -226,9 +226,6 @@ class StepFlowHandle:
                                           handle.config.oeb_strength, handle.config.num_sink, scaling)
             return out.transpose(1, 2).contiguous(), None
         return attention
-
-
-CONTROLS = ("random-attn", "random-residual")
 
 
 def replace_attention(model, config: StepFlowConfig | None = None, tokenizer=None, boundary_token_ids=None,

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ..cli import UsageError, _eos_ids, _err, _escapes, _print_table
+from ..config import CONTROLS
 from . import distributed
 from .runner import (ERRORS, ROWS, SUMMARY, SUMMARY_HEADER, CompletionsFile, EvalSettings, HFGenerator, RunMismatch,
                      all_rows, check_settings, file_sha256, fmt_pct, read_rows, run_items, summarize, summary_row,
@@ -502,7 +503,7 @@ def cmd_sweep(args) -> int:
 
         runs = [("baseline", None, None), ("chosen", chosen_cfg, None)]
         if args.with_controls:
-            runs += [(control, chosen_cfg, control) for control in ("random-attn", "random-residual")]
+            runs += [(control, chosen_cfg, control) for control in CONTROLS]
         test_dirs = []
         for name, cfg, control in runs:
             settings = _settings(args, args.test, args.task, cfg.to_dict() if cfg else None, control)

@@ -36,11 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..config import CONTROLS
+
 ROWS = "rows.jsonl"
 ERRORS = "errors.jsonl"
 SETTINGS = "settings.json"
 SUMMARY = "summary.json"
-CONTROLS = ("random-attn", "random-residual")
 
 
 class RunMismatch(ValueError):
