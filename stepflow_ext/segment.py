@@ -1,52 +1,95 @@
 """Segmentation of a reasoning trace into question, thinking steps and summary (design.md 2.1).
 
-Three entry points share one per-sequence state machine (`_Sequence`), so that offline
-analysis and online generation give the same segments by construction:
+Entry points (one per-row state machine, `_Row`, behind all of them, so that offline analysis
+and online generation give the same segments by construction):
 
-- `Segmentation`: the result, seg ids (B, T) with -1 on padding and per-row segment kinds;
-  `Segmentation.from_lengths` builds one by hand.
+- `Segmentation`: the result: seg ids (B, T) with -1 on padding, per-row segment kinds and
+  per-row `closed` flags, plus the vectorized views the kernels need (`seg_start`,
+  `channels`, `channel_starts`, `smi_prev_step`). `Segmentation.from_lengths` builds one by hand.
 - `segment(input_ids, prompt_lengths, tokenizer=...)`: the rule of 2.1 on whole traces.
-- `StepTracker`: the same rule fed token by token (or chunk by chunk) during generation.
+- `StepTracker`: the same rule fed token by token (or chunk by chunk) during generation;
+  `start()` places the prompt, `feed()` the generated tokens, each returns a `TrackerUpdate`.
+- `markers_for(tokenizer, model)`: the per-family default markers ("auto").
 
-How "the delimiter completes in x_t" is read (text rule). Every generated token t gets
-piece(t), the text it adds to the decoded generation (incremental detokenization: decode a
-window of recent tokens with and without x_t and take the difference). The current segment
-keeps `tail`, the last len(string) - 1 characters of its text. A string s completes in x_t
-when s occurs in tail + piece(t) ending inside piece(t). Any occurrence ending inside
-piece(t) starts at most len(s) - 1 characters before piece(t), so the tail is all of the
-segment text that can take part: the check is exact and O(1) per token.
+Options (the same names in segment(), StepTracker and replace_attention):
+  think_start="auto" | str | None, think_end="auto" | str, steps="auto" | "sentence" |
+  "paragraph", summary_steps=False, step_delimiter="\\n\\n"; or the id fast path
+  boundary_token_ids + think_end_token_ids (then: no think_start, paragraph steps).
+  "auto" markers: harmony ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>")
+  when the model is GPT-OSS or the vocabulary has "<|channel|>", else "<think>", "</think>".
+  steps="auto" is "sentence" (the paper's) with a tokenizer and "paragraph" with id sets.
 
-Why the window decode is exact: the window starts at the first generated token, or at least
-CONTEXT tokens before the first token whose text has not been emitted yet (the read offset);
-it is restarted there when it grows past WINDOW tokens. One decode per token suffices: the
-previous decode gives the text without x_t, over the same window start. For byte-level BPE
-the decoded text is the UTF-8 decoding of the concatenated bytes, and bytes before the read
-offset are complete characters (or stray bytes that already decoded to U+FFFD, which no later
-byte changes), so decode(window + x_t) = decode(window) + piece(t). For SentencePiece-style
-decoders (Metaspace, byte fallback) the only position-dependent effect is at the window start
-(a stripped leading space), which both decodes share. A token that ends inside a multi-byte
-character decodes to U+FFFD: its piece is "" and its bytes are emitted with the token that
-completes the character (the same hold-back as vLLM / TGI streaming). After MAX_HELD tokens
-without a complete character (invalid bytes) the text is emitted as is, so the window, and
-the cost per token, stay bounded: segmenting T tokens costs O(T) decodes of <= WINDOW +
-MAX_HELD tokens.
+The rule (design.md 2.1), as implemented. piece(t) is the text token t adds to the decoded text
+of its row (incremental detokenization from the row's first valid token, below). A string s
+"completes in x_t" when an occurrence of s in the searched text ends inside piece(t).
+- Question: with think_start set, tokens 0..t_s, where t_s is the first token in which
+  think_start completes, searched in the whole row text from token 0 (the prompt included). If it
+  never completes, every token is question. With think_start=None: the prompt tokens.
+- Thinking: the tokens after the question up to and including t_e, the token in which think_end
+  completes, searched only in the text after the think_start occurrence (the characters of
+  piece(t_s) after the marker included; with think_start=None: the text after the prompt).
+  t_e is the last token of the thinking: it ends the last step (if a step had just closed it is a
+  1-token step) and that step is closed. If think_end completes inside piece(t_s) itself, or
+  (think_start=None) the prompt text ends with think_end once trailing whitespace is stripped,
+  the thinking is empty ("disabled") and the tokens after the question are summary.
+- Steps, rule "sentence": text_t = piece(t_s) if t_s is a generated token (else "") followed by
+  the pieces of the thinking tokens up to x_t. A step closes at x_t (t < t_e) when piece(t)
+  contains "." and N(text_t) exceeds the N recorded at the last closure (0 at first); that N is
+  recorded. N(text) = number of pieces of re.split(r"\\.\\s+", text) that count: stripped, at least
+  15 characters, not only digits once ".", ",", "-", " " are removed, not a table row (starts
+  with "|", more than twice as many "|" as "\\n"), not a rule line (starts with "|--" or "---",
+  shorter than 20). `_Sentences` computes N incrementally (see its docstring for the proof).
+- Steps, rule "paragraph": a step closes at the token in which step_delimiter completes, searched
+  in the text of the step's own tokens.
+- Summary: every token after t_e: one segment, or with summary_steps=True a new summary segment
+  after each token in which step_delimiter completes (searched in the segment's own text; the
+  completing token stays in the segment it closes).
+- The token after a closing token starts the next segment; a closure at the last token of a trace
+  opens nothing. `closed[s]` records whether segment s was closed by its own last token
+  (think_start for the question, a sentence end / delimiter / think_end for a step, a delimiter for
+  a summary segment); with think_start=None the question is closed when the first generated token
+  arrives.
+- Id sets: "completes in x_t" means x_t is in the set: boundary_token_ids for the step (and summary)
+  delimiter, think_end_token_ids for the end of thinking; the prompt is the question, and the
+  thinking is disabled when the last prompt token that is not a boundary token (or the first
+  prompt token) is a think_end token.
 
-Documented edge behaviour (all follow from the rule of 2.1):
-- "\\n\\n\\n": the delimiter completes at the second newline; the third newline is the first
-  character of the next step ("\\n\\n\\n\\n" closes that next step at once, giving a step
-  made of "\\n\\n"). A token that contains text after the delimiter (e.g. one token "\\n\\n\\n")
-  stays whole in the step it closes: the rule places tokens, not characters.
-- A marker split over several tokens: its pieces stay in the step, the token that completes
-  it starts the summary. When a step was just closed, those pieces form a step of their own.
-- The marker in the first generated token (or right after the prompt): no thinking step, the
-  summary is segment 1. Only the first marker switches; later markers stay in the summary.
-- The prompt ends in the marker (thinking disabled): the decoded prompt text, with trailing
-  whitespace stripped, ends with `think_end` -> all generated tokens form one summary.
-  With id sets: trailing prompt tokens that are boundary tokens are skipped, then the last
-  prompt token must be a marker token ("</think>\\n\\n" prompts of Qwen3 are caught).
-- With explicit id sets, the delimiter completes in x_t iff x_t is in boundary_token_ids (and
-  the marker likewise). That equals the text rule when the delimiter / marker never forms
-  across tokens in the trace; a "\\n" token followed by a "\\n" token is invisible to it.
+Incremental detokenization (`_Detok`). piece(t) is the difference between decode(window + x_t) and
+decode(window), where the window holds the recent tokens of the row. The window starts at the
+row's first valid token, or at least CONTEXT tokens before the first token whose text has not been
+emitted yet (the read offset); it restarts there when it grows past WINDOW tokens, moving its start
+back (at most 3 tokens) while its text starts with U+FFFD, so that it never starts inside a UTF-8
+character. One decode per token suffices: the previous decode gives the text without x_t, over the
+same window start. For byte-level BPE the decoded text is the UTF-8 decoding of the concatenated
+bytes and bytes before the read offset are complete characters, so decode(window + x_t) =
+decode(window) + piece(t). For SentencePiece-style decoders (Metaspace, byte fallback + a strip
+of one leading space) the only position-dependent effect is at the window start, which both
+decodes share; byte fallback decodes each run of byte tokens as a whole (an invalid run becomes
+all U+FFFD), hence the rule that the window never starts inside a character. A token that ends
+inside a multi-byte character decodes to U+FFFD: its piece is "" and its bytes are emitted with
+the token that completes the character (the hold-back of vLLM / TGI streaming). After MAX_HELD
+tokens without a complete character (invalid bytes) the text is emitted as is, so the window and
+the cost per token stay bounded: T tokens cost O(T) decodes of <= WINDOW + MAX_HELD tokens.
+In the summary with summary_steps=False nothing is decoded any more.
+
+Documented edge behaviour (all follow from the rule above):
+- Tokens place whole: a token whose piece holds text after the marker / delimiter / sentence end
+  (".\\n\\nThe", "\\n\\n\\n", "</think>\\n\\n" as one token) stays whole in the part it closes.
+- Delimiter occurrences are searched in the current segment's text only: tokens "\\n\\n\\n" then
+  "\\n" close one step, not two; separate tokens "\\n" x 4 close after the 2nd and the 4th.
+- A marker split over several tokens: its leading pieces are placed like any text (question or
+  thinking; after a step closure they open a new step); the token that completes it closes.
+- Only the first think_start counts; think_end is looked for only after it (an old
+  "<|channel|>final<|message|>" earlier in a multi-turn prompt is not an end of thinking).
+- The last thinking step is closed by think_end; while the thinking is still open its last step is
+  open unless its last token closed it.
+- A decimal point can close a step ("3." of "3.5" when "3." ends a token and the text before it
+  makes a new counting piece), as in the paper's code.
+- Held-back tokens (a partial UTF-8 character) have an empty piece: they close nothing and are
+  placed in the segment open at that point (the next segment if a closure just happened).
+- think_start=None: the prompt text "ends with think_end" is read after stripping trailing
+  whitespace ("</think>\\n\\n" prompts of Qwen3 are caught); think_end inside the prompt elsewhere
+  is not looked at.
 """
 from __future__ import annotations
 
@@ -62,16 +105,22 @@ KIND_NAMES = ("question", "step", "summary")
 _KIND_CODE = {name: code for code, name in enumerate(KIND_NAMES)}
 assert (_KIND_CODE["question"], _KIND_CODE["step"], _KIND_CODE["summary"]) == (QUESTION, STEP, SUMMARY)
 
+THINK_MARKERS = ("<think>", "</think>")
+HARMONY_MARKERS = ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>")
+STEP_RULES = ("sentence", "paragraph")
+MIN_SENTENCE_CHARS = 15   # the paper's min_chars
+
 CONTEXT = 3     # emitted tokens kept before the read offset when the decode window restarts
 WINDOW = 8      # the window restarts when it grows past this many tokens
 MAX_HELD = 16   # tokens held back waiting for a complete UTF-8 character
+_MAX_BACK = 3   # a restarted window moves back at most this many tokens to a character start
 
 
 # --------------------------------------------------------------------------- Segmentation
 
 
 def _check_kinds_row(row, kinds):
-    """Kinds must read question step* summary?; returns them as names."""
+    """Kinds must read question step* summary*; returns them as names."""
     if not isinstance(kinds, (list, tuple)) or len(kinds) == 0:
         raise ValueError(f"kinds[{row}] must be a non-empty list of segment kinds, got {kinds!r}")
     names = []
@@ -86,9 +135,15 @@ def _check_kinds_row(row, kinds):
     for i in range(1, len(names)):
         if names[i] == "question":
             raise ValueError(f"kinds[{row}][{i}] is 'question': only segment 0 is the question")
-        if names[i - 1] == "summary":
-            raise ValueError(f"kinds[{row}][{i}] is {names[i]!r} after the summary: the summary is last")
+        if names[i - 1] == "summary" and names[i] != "summary":
+            raise ValueError(f"kinds[{row}][{i}] is {names[i]!r} after a summary: summary segments come last")
     return names
+
+
+def _default_closed(sizes):
+    """Closed flags of a hand-built row: a segment followed by a later non-empty one is closed."""
+    last = max((s for s, n in enumerate(sizes) if n > 0), default=-1)
+    return [s < last for s in range(len(sizes))]
 
 
 @dataclass(eq=False, repr=False)
@@ -97,12 +152,17 @@ class Segmentation:
 
     seg_ids: LongTensor (B, T), the segment of each token, -1 on padding; along each row the
         valid ids never decrease (segments are contiguous and in order).
-    kinds: per row, the kind of each segment: "question" (segment 0), then "step"s, then at
-        most one "summary" (last). A segment may be empty (no token carries its id).
+    kinds: per row, the kind of each segment: "question" (segment 0), then "step"s, then
+        "summary" segments (one, or several with summary_steps). A segment may be empty.
+    closed: per row, per segment, whether the segment was closed by its own last token (a
+        sentence end, a delimiter, the think_end marker; think_start for the question). Lists of
+        bools or a (B, S) bool tensor. Default (None): a segment followed by a later non-empty
+        segment is closed, the last non-empty one (and any empty ones after it) is open.
     """
 
     seg_ids: torch.Tensor
     kinds: list
+    closed: list | None = None
 
     def __post_init__(self):
         ids = self.seg_ids
@@ -127,6 +187,25 @@ class Segmentation:
             running = torch.where(valid, ids, -1).cummax(dim=1).values
             if bool((running != ids)[valid].any()):
                 raise ValueError("seg_ids must be non-decreasing along each row (ignoring -1 padding)")
+        self.closed = self._check_closed(self.closed)
+
+    def _check_closed(self, closed):
+        if closed is None:
+            return [_default_closed(sizes) for sizes in self.lengths()]
+        if isinstance(closed, torch.Tensor):
+            if closed.dim() != 2 or closed.shape[0] != self.batch_size or closed.shape[1] < self.num_segments:
+                raise ValueError(f"closed must be a (B, S) tensor with B = {self.batch_size} and S >= "
+                                 f"{self.num_segments}, got {tuple(closed.shape)}")
+            closed = [row[:len(k)] for row, k in zip(closed.bool().tolist(), self.kinds)]
+        if not isinstance(closed, (list, tuple)) or len(closed) != self.batch_size:
+            raise ValueError(f"closed must be a list with one list of bools per row ({self.batch_size})")
+        out = []
+        for r, (flags, kinds) in enumerate(zip(closed, self.kinds)):
+            if not isinstance(flags, (list, tuple)) or len(flags) != len(kinds) or \
+                    not all(isinstance(f, bool) or f in (0, 1) for f in flags):
+                raise ValueError(f"closed[{r}] must hold one bool per segment ({len(kinds)}), got {flags!r}")
+            out.append([bool(f) for f in flags])
+        return out
 
     # ------------------------------------------------------------------ shape and views
     @property
@@ -152,19 +231,93 @@ class Segmentation:
             out[row, :len(kinds)] = torch.tensor([_KIND_CODE[k] for k in kinds], dtype=torch.long)
         return out.to(device if device is not None else self.seg_ids.device)
 
-    def seg_start(self) -> torch.Tensor:
-        """(B, T) int64: the position where each token's segment starts; -1 for question tokens
-        and padding. This is the seg_start input of the OEB op for a prefill."""
+    def closed_tensor(self, device=None) -> torch.Tensor:
+        """(B, S) bool: `closed` as a tensor; unused slots are False."""
+        out = torch.zeros((self.batch_size, self.num_segments), dtype=torch.bool)
+        for row, flags in enumerate(self.closed):
+            out[row, :len(flags)] = torch.tensor(flags, dtype=torch.bool)
+        return out.to(device if device is not None else self.seg_ids.device)
+
+    def _table(self):
+        """Per row and segment: first position (T if empty), last position + 1 (-1 if empty), size."""
         ids = self.seg_ids
         b, t = ids.shape
+        s = max(self.num_segments, 1)
         valid = ids >= 0
         slot = ids.clamp(min=0)
         pos = torch.arange(t, device=ids.device).expand(b, t)
-        first = torch.full((b, max(self.num_segments, 1)), t, dtype=torch.long, device=ids.device)
+        first = torch.full((b, s), t, dtype=torch.long, device=ids.device)
         first = first.scatter_reduce(1, slot, torch.where(valid, pos, t), reduce="amin")
-        kinds = self.seg_kinds_tensor(ids.device).gather(1, slot) if self.num_segments else slot
-        rebalanced = valid & (kinds != QUESTION)
+        end = torch.full((b, s), -1, dtype=torch.long, device=ids.device)
+        end = end.scatter_reduce(1, slot, torch.where(valid, pos + 1, -1), reduce="amax")
+        size = torch.zeros((b, s), dtype=torch.long, device=ids.device).scatter_add(1, slot, valid.long())
+        return first, end, size
+
+    def seg_start(self) -> torch.Tensor:
+        """(B, T) int64: the position where each token's segment starts; -1 for question tokens and
+        padding. This is the seg_start input of the OEB `odds` rule for a prefill."""
+        ids = self.seg_ids
+        if not self.num_segments:
+            return torch.full_like(ids, -1)
+        first, _, _ = self._table()
+        slot = ids.clamp(min=0)
+        kinds = self.seg_kinds_tensor(ids.device).gather(1, slot)
+        rebalanced = (ids >= 0) & (kinds != QUESTION)
         return torch.where(rebalanced, first.gather(1, slot), torch.full_like(ids, -1))
+
+    def channels(self) -> torch.Tensor:
+        """(B, T) int64 channel of each token: -1 padding, 0 question, 1 thinking (a step), 2 summary."""
+        ids = self.seg_ids
+        if not self.num_segments:
+            return torch.full_like(ids, -1)
+        kinds = self.seg_kinds_tensor(ids.device).gather(1, ids.clamp(min=0))
+        return torch.where(ids >= 0, kinds, torch.full_like(ids, -1))
+
+    def channel_starts(self) -> torch.Tensor:
+        """(B, 2) int64: per row, the first token after the question (the first thinking token, or
+        the first summary token when the thinking is empty) and the first summary token; T where
+        absent. The bridge OEB bounds follow: a thinking query gets (kv_start, [:, 0]), a summary
+        query ([:, 0], [:, 1])."""
+        ch = self.channels()
+        t = self.length
+        pos = torch.arange(t, device=ch.device).expand_as(ch)
+        big = torch.full_like(ch, t)
+        think = torch.where(ch >= 1, pos, big).amin(dim=1) if t else torch.zeros(ch.shape[0], dtype=torch.long)
+        summ = torch.where(ch == 2, pos, big).amin(dim=1) if t else torch.zeros(ch.shape[0], dtype=torch.long)
+        return torch.stack([think, summ], dim=1)
+
+    def smi_prev_step(self) -> torch.Tensor:
+        """(B, T, 2) int64: for each token that SMI's `value` rule targets (it starts thinking step
+        k >= 2, step k-1 is not empty, and it is not a 1-token step closed at that token), the key
+        range [start, end) of the whole step k-1; (-1, -1) elsewhere. The SMI window of width w is
+        [max(start, end - w), end)."""
+        ids = self.seg_ids
+        b, t = ids.shape
+        out = torch.full((b, t, 2), -1, dtype=torch.long, device=ids.device)
+        if not self.num_segments or not t:
+            return out
+        first, end, size = self._table()
+        kinds = self.seg_kinds_tensor(ids.device)
+        closed = self.closed_tensor(ids.device)
+        nseg = torch.tensor([len(k) for k in self.kinds], device=ids.device)
+        s = torch.arange(kinds.shape[1], device=ids.device)
+        real = s[None, :] < nseg[:, None]
+        step = real & (kinds == STEP)
+        prev_step = torch.zeros_like(step)
+        prev_step[:, 1:] = step[:, :-1]
+        prev_size = torch.zeros_like(size)
+        prev_size[:, 1:] = size[:, :-1]
+        target = step & prev_step & (size > 0) & (prev_size > 0) & ~((size == 1) & closed)
+        prev_first = torch.zeros_like(first)
+        prev_first[:, 1:] = first[:, :-1]
+        prev_end = torch.zeros_like(end)
+        prev_end[:, 1:] = end[:, :-1]
+        slot = ids.clamp(min=0)
+        pos = torch.arange(t, device=ids.device).expand(b, t)
+        hit = (ids >= 0) & target.gather(1, slot) & (first.gather(1, slot) == pos)
+        out[..., 0] = torch.where(hit, prev_first.gather(1, slot), -1)
+        out[..., 1] = torch.where(hit, prev_end.gather(1, slot), -1)
+        return out
 
     def kv_start(self) -> torch.Tensor:
         """(B,) int64: the number of leading padding tokens (T for a row without valid token)."""
@@ -183,17 +336,18 @@ class Segmentation:
         return out
 
     def to(self, device) -> "Segmentation":
-        return Segmentation(self.seg_ids.to(device), [list(k) for k in self.kinds])
+        return Segmentation(self.seg_ids.to(device), [list(k) for k in self.kinds], [list(c) for c in self.closed])
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_lengths(cls, lengths, kinds=None, pad="right", total_length=None, device=None):
+    def from_lengths(cls, lengths, kinds=None, pad="right", total_length=None, device=None, closed=None):
         """Build from per-row segment lengths, e.g. [[5, 7, 3, 4]] (one row: 19 tokens).
 
         lengths: one list of non-negative ints per row (a flat list is one row); 0 is an
             empty segment. kinds: one list per row; default: "question" then "step"s (a
             summary is never guessed: pass it). pad: "right" or "left", the side where
-            rows shorter than total_length (default: the longest row) get -1.
+            rows shorter than total_length (default: the longest row) get -1. closed: as for
+            Segmentation (default: every segment but the last non-empty one is closed).
         """
         if isinstance(lengths, torch.Tensor):
             lengths = lengths.tolist()
@@ -230,7 +384,10 @@ class Segmentation:
             tokens = torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row, dtype=torch.long))
             offset = 0 if pad == "right" else total_length - len(tokens)
             ids[r, offset:offset + len(tokens)] = tokens
-        return cls(ids.to(device) if device is not None else ids, [list(k) for k in kinds])
+        if closed is not None and isinstance(closed, (list, tuple)) and closed and \
+                all(isinstance(c, (bool, int)) for c in closed):
+            closed = [list(closed)]
+        return cls(ids.to(device) if device is not None else ids, [list(k) for k in kinds], closed)
 
     def __repr__(self):
         short = {"question": "q", "step": "s", "summary": "S"}
@@ -245,11 +402,44 @@ class Segmentation:
                 f"segments=[{body}])  # q=question s=step S=summary, number = tokens")
 
 
-# --------------------------------------------------------------------------- the rule
+# --------------------------------------------------------------------------- markers
+
+
+def _has_token(tokenizer, token: str) -> bool:
+    """Whether the tokenizer's vocabulary (added tokens included) has `token` as one token."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover
+        Tokenizer = ()
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(backend, Tokenizer):
+        return backend.token_to_id(token) is not None
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if callable(get_vocab):
+        return token in get_vocab()
+    return False
+
+
+def markers_for(tokenizer=None, model=None) -> tuple:
+    """(think_start, think_end) of the model family (design.md 2.1, "auto").
+
+    GPT-OSS (harmony format): ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>"),
+    chosen when model.config.model_type == "gpt_oss" or the tokenizer's vocabulary has
+    "<|channel|>"; every other model (DeepSeek-R1-Distill, QwQ, Qwen3, ...): ("<think>", "</think>").
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "gpt_oss":
+        return HARMONY_MARKERS
+    if tokenizer is not None and _has_token(tokenizer, "<|channel|>"):
+        return HARMONY_MARKERS
+    return THINK_MARKERS
+
+
+# --------------------------------------------------------------------------- options
 
 
 def _decoder(tokenizer):
-    """A function ids -> text that keeps special tokens (the marker may be one) and spacing."""
+    """A function ids -> text that keeps special tokens (a marker may be one) and spacing."""
     try:
         from tokenizers import Tokenizer
     except ImportError:  # pragma: no cover
@@ -275,27 +465,45 @@ def _id_set(name, ids):
     return frozenset(out)
 
 
+def _keep(s: str, n: int) -> str:
+    """The last n characters of s ("" for n <= 0)."""
+    return s[max(0, len(s) - n):] if n > 0 else ""
+
+
 def _completes(tail: str, piece: str, s: str) -> bool:
     """s occurs in tail + piece, and that occurrence ends inside piece (not within tail)."""
     return (tail + piece).find(s, max(0, len(tail) - len(s) + 1)) >= 0
 
 
-class _Rule:
-    """The options of 2.1: how to read whether the delimiter / marker completes in a token."""
+class _Options:
+    """The segmentation options of 2.1, validated and resolved ("auto" -> per model family)."""
 
-    def __init__(self, tokenizer, boundary_token_ids, think_end_token_ids, step_delimiter, think_end):
-        for name, s in (("step_delimiter", step_delimiter), ("think_end", think_end)):
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"{name} must be a non-empty string, got {s!r}")
-        self.delimiter, self.marker = step_delimiter, think_end
+    def __init__(self, tokenizer=None, boundary_token_ids=None, think_end_token_ids=None, step_delimiter="\n\n",
+                 think_end="auto", think_start="auto", steps="auto", summary_steps=False, model=None):
+        if not isinstance(step_delimiter, str) or not step_delimiter:
+            raise ValueError(f"step_delimiter must be a non-empty string, got {step_delimiter!r}")
+        if think_end != "auto" and (not isinstance(think_end, str) or not think_end):
+            raise ValueError(f"think_end must be 'auto' or a non-empty string, got {think_end!r}")
+        if think_start is not None and think_start != "auto" and (not isinstance(think_start, str) or not think_start):
+            raise ValueError(f"think_start must be 'auto', None or a non-empty string, got {think_start!r}")
+        if steps not in ("auto",) + STEP_RULES:
+            raise ValueError(f"steps must be 'auto', 'sentence' or 'paragraph', got {steps!r}")
+        if not isinstance(summary_steps, bool):
+            raise ValueError(f"summary_steps must be a bool, got {summary_steps!r}")
         has_ids = boundary_token_ids is not None or think_end_token_ids is not None
         if tokenizer is not None and has_ids:
             raise ValueError("pass either tokenizer or boundary_token_ids/think_end_token_ids, not both")
         if tokenizer is None and not has_ids:
             raise ValueError("segmentation needs a tokenizer, or boundary_token_ids and think_end_token_ids")
-        if tokenizer is not None:
+        self.delimiter, self.summary_steps = step_delimiter, summary_steps
+        self.text = tokenizer is not None
+        if self.text:
             self.decode = _decoder(tokenizer)
-            self.boundary = self.think_end = None
+            auto = markers_for(tokenizer, model) if "auto" in (think_start, think_end) else None
+            self.think_start = auto[0] if think_start == "auto" else think_start
+            self.think_end = auto[1] if think_end == "auto" else think_end
+            self.steps = "sentence" if steps == "auto" else steps
+            self.boundary = self.end_ids = None
         else:
             if boundary_token_ids is None:
                 raise ValueError("boundary_token_ids is required with think_end_token_ids "
@@ -303,93 +511,349 @@ class _Rule:
             if think_end_token_ids is None:
                 raise ValueError("think_end_token_ids is required with boundary_token_ids; pass an empty "
                                  "set for a model without an end-of-thinking marker")
+            if think_start not in ("auto", None):
+                raise ValueError("think_start cannot be combined with boundary_token_ids/think_end_token_ids: "
+                                 "with id sets the prompt is the question (pass a tokenizer to use markers)")
+            if steps == "sentence":
+                raise ValueError("steps='sentence' needs a tokenizer (it reads the text); "
+                                 "boundary_token_ids/think_end_token_ids give paragraph steps")
+            if think_end != "auto":
+                raise ValueError("think_end (a string) cannot be combined with boundary_token_ids/"
+                                 "think_end_token_ids: give the marker's ids in think_end_token_ids")
+            if step_delimiter != "\n\n":
+                raise ValueError("step_delimiter (a string) cannot be combined with boundary_token_ids/"
+                                 "think_end_token_ids: give the delimiter's ids in boundary_token_ids")
             self.decode = None
+            self.think_start, self.think_end, self.steps = None, None, "paragraph"
             self.boundary = _id_set("boundary_token_ids", boundary_token_ids)
-            self.think_end = _id_set("think_end_token_ids", think_end_token_ids)
-        self.keep = max(len(step_delimiter), len(think_end)) - 1   # tail length that matters
+            self.end_ids = _id_set("think_end_token_ids", think_end_token_ids)
 
-    def prompt_ends_thinking(self, prompt: list) -> bool:
-        if not prompt:
-            return False
-        if self.decode is None:
-            i = len(prompt) - 1
-            while i > 0 and prompt[i] in self.boundary:
-                i -= 1
-            return prompt[i] in self.think_end
-        # Decode a growing suffix of the prompt until its text is longer than the marker plus
-        # what a window start can spoil (a stripped leading space, up to 3 U+FFFD of a cut
-        # character), or is the whole prompt.
-        n = min(len(prompt), 8)
-        while True:
-            text = self.decode(prompt[-n:]).rstrip()
-            if n == len(prompt) or len(text) >= len(self.marker) + 4:
-                return text.endswith(self.marker)
-            n = min(len(prompt), 2 * n)
+    def describe(self) -> dict:
+        """The resolved options (for reports)."""
+        return dict(think_start=self.think_start, think_end=self.think_end, steps=self.steps,
+                    summary_steps=self.summary_steps, step_delimiter=self.delimiter if self.text else None)
 
 
-class _Sequence:
-    """One row: places each generated token by the rule of 2.1, one token at a time."""
+# --------------------------------------------------------------------------- the rule
 
-    def __init__(self, rule: _Rule, prompt: list):
-        self.rule = rule
-        self.kinds = ["question"]
-        self.start_pos = -1          # position of the current segment's first token (-1: question)
-        # The next token starts a step, or the summary when thinking is disabled. Before it, the
-        # current segment acts as an empty step, so a marker in the first token opens the summary.
-        disabled = rule.prompt_ends_thinking(prompt)
-        self.kind = SUMMARY if disabled else STEP
-        self.pending = SUMMARY if disabled else STEP
-        self.tail = ""
-        self.window, self.read, self.prefix = [], 0, ""   # recent generated ids; window[:read] is
-        # emitted and decodes to prefix
 
-    def _piece(self, token: int) -> str:
-        """Text that token adds to the decoded generation (incremental detokenization)."""
+class _Detok:
+    """Incremental detokenization of one row: piece(t) for each token (module docstring)."""
+
+    __slots__ = ("decode", "window", "read", "prefix")
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.window, self.read, self.prefix = [], 0, ""   # window[:read] is emitted and decodes to prefix
+
+    def piece(self, token: int) -> str:
         window = self.window
         window.append(token)
-        text = self.rule.decode(window)
+        text = self.decode(window)
         if text.endswith("\ufffd") and len(window) - self.read < MAX_HELD:
             return ""  # ends inside a multi-byte character: emit it with the token completing it
-        prefix = self.prefix    # decode(window[:read]), kept from the previous call
+        prefix = self.prefix
         common = len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
-        if len(window) > WINDOW:  # restart the window at the last CONTEXT (emitted) tokens
-            del window[:len(window) - CONTEXT]
-            text_now = self.rule.decode(window)
+        if len(window) > WINDOW:  # restart the window at the last CONTEXT (emitted) tokens ...
+            keep = CONTEXT
+            text_now = self.decode(window[-keep:])
+            while text_now.startswith("\ufffd") and keep < CONTEXT + _MAX_BACK:  # ... at a character start
+                keep += 1
+                text_now = self.decode(window[-keep:])
+            del window[:len(window) - keep]
         else:
             text_now = text
         self.prefix, self.read = text_now, len(window)
         return text[common:]
 
-    def _start(self, kind: int, position: int):
-        self.kinds.append(KIND_NAMES[kind])
-        self.kind, self.pending, self.tail, self.start_pos = kind, None, "", position
 
-    def place(self, token: int, position: int) -> int:
-        """Place token (the next generated one, at `position`); returns its segment id."""
-        rule = self.rule
-        if self.kind == SUMMARY:   # nothing is looked at any more
+class _Sentences:
+    """N(text) of the sentence rule for a text that only grows, O(1) amortized per character.
+
+    N(text) counts the pieces of re.split(r"\\.\\s+", text) that count (2.1). Why pieces before the
+    last separator are final. re.split scans left to right; at each position it matches "." followed
+    by at least one whitespace character, taking the whole whitespace run (greedy), and resumes
+    after the match; else it moves one character on. Whether a match starts at position i depends
+    only on text[i] and text[i+1]; where it ends depends on the whitespace run after it. Appending
+    characters therefore changes nothing before the start of the last match (every decision there
+    reads characters that already exist), keeps the last match's start, and can only extend its
+    whitespace run when the text ends inside it. So text = (final pieces and separators) + tail,
+    where tail is the text after the last match: appending c either extends the last separator (c
+    whitespace, tail empty right after a match), or scans on inside the tail exactly as re.split
+    would on tail alone (the regex has no look-behind). This class runs that scan one character at a
+    time: `sep` (the text ends inside a separator), `dot` (the text ends with "." not yet known to
+    start a separator: it belongs to the tail until a whitespace character follows), the count of
+    counting final pieces, and for the tail the few running numbers that decide whether it counts
+    (strip() and re's \\s are the same set of characters, str.isspace). Tested against re.split.
+    """
+
+    __slots__ = ("final", "sep", "dot", "started", "size", "ws", "ws_nl", "ws_bad", "bad", "digits", "pipes",
+                 "newlines", "head")
+
+    def __init__(self):
+        self.final = 0        # counting pieces before the last separator
+        self.sep = False
+        self.dot = False
+        self._new_piece()
+
+    def _new_piece(self):
+        self.started = False  # the piece has a non-whitespace character
+        self.size = 0         # length of the stripped piece
+        self.ws = 0           # whitespace characters after its last non-whitespace one ...
+        self.ws_nl = 0        # ... of which "\n"
+        self.ws_bad = 0       # ... of which not " "
+        self.bad = 0          # characters of the stripped piece that are no digit and not . , - or " "
+        self.digits = 0       # digits (str.isdigit) of the stripped piece
+        self.pipes = 0        # "|" of the stripped piece
+        self.newlines = 0     # "\n" of the stripped piece
+        self.head = ""        # its first 3 characters from the first non-whitespace one
+
+    def _add(self, c: str):
+        if c.isspace():
+            if self.started:
+                self.ws += 1
+                self.ws_nl += c == "\n"
+                self.ws_bad += c != " "
+                if len(self.head) < 3:
+                    self.head += c
+            return
+        if self.started:
+            self.size += self.ws + 1
+            self.bad += self.ws_bad
+            self.newlines += self.ws_nl
+            self.ws = self.ws_nl = self.ws_bad = 0
+        else:
+            self.started, self.size = True, 1
+        if len(self.head) < 3:
+            self.head += c
+        if c.isdigit():
+            self.digits += 1
+        elif c not in ".,-":
+            self.bad += 1
+            self.pipes += c == "|"
+
+    def feed(self, text: str):
+        for c in text:
+            if self.sep:
+                if c.isspace():
+                    continue          # the separator's whitespace run goes on
+                self.sep = False
+            if self.dot:
+                self.dot = False
+                if c.isspace():       # "." + whitespace: a separator; the piece ends before the "."
+                    self.final += self._counts(False)
+                    self._new_piece()
+                    self.sep = True
+                    continue
+                self._add(".")
+            if c == ".":
+                self.dot = True
+            else:
+                self._add(c)
+
+    def count(self) -> int:
+        """N of the text fed so far."""
+        return self.final if self.sep else self.final + self._counts(self.dot)
+
+    def _counts(self, dot: bool) -> int:
+        """1 if the current piece (plus a "." when dot) counts, else 0."""
+        size, bad, newlines, head = self.size, self.bad, self.newlines, self.head
+        if dot:
+            if self.started:
+                size, bad, newlines = size + self.ws + 1, bad + self.ws_bad, newlines + self.ws_nl
+            else:
+                size = 1
+            if len(head) < 3:
+                head += "."
+        if size < MIN_SENTENCE_CHARS:
+            return 0
+        if self.digits and not bad:                                   # only digits once . , - " " go
+            return 0
+        if head.startswith("|") and self.pipes > 2 * newlines:       # a table row
+            return 0
+        if (head.startswith("|--") or head.startswith("---")) and size < 20:   # a rule line
+            return 0
+        return 1
+
+
+def sentence_count(text: str) -> int:
+    """N(text) of the sentence rule, by re.split (the definition; `_Sentences` is its incremental form)."""
+    import re
+
+    n = 0
+    for piece in re.split(r"\.\s+", text):
+        piece = piece.strip()
+        if len(piece) < MIN_SENTENCE_CHARS:
+            continue
+        if piece.replace(".", "").replace(",", "").replace("-", "").replace(" ", "").isdigit():
+            continue
+        if piece.startswith("|") and piece.count("|") > piece.count("\n") * 2:
+            continue
+        if piece.startswith(("|--", "---")) and len(piece) < 20:
+            continue
+        n += 1
+    return n
+
+
+_NO_PREV = (-1, -1)
+_THINK = STEP   # phase codes reuse the kind codes: QUESTION, _THINK (thinking), SUMMARY
+
+
+class _Row:
+    """One row: places each token by the rule of 2.1, one token at a time, O(1) amortized."""
+
+    def __init__(self, opts: _Options, n_prompt: int):
+        self.o = opts
+        self.n_prompt = n_prompt      # the first n_prompt tokens placed are the prompt
+        self.count = 0                # tokens placed so far
+        self.detok = _Detok(opts.decode) if opts.text else None
+        self.kinds, self.closed = ["question"], [False]
+        self.first, self.last = [-1], [-1]   # per segment: first and last position (-1: none yet)
+        self.phase = QUESTION
+        self.pending = None           # kind of the segment the next token opens
+        self.think_pos = self.summary_pos = -1   # first token after the question / first summary token
+        self.seg_pos = -1             # start of the current segment (-1 while it is the question)
+        self.prev = _NO_PREV          # smi_prev_step of the token just placed
+        self.tail = ""                # marker search: last len(marker) - 1 characters of the searched text
+        self.dtail = ""               # delimiter search in the current segment's text
+        self.sent = None              # _Sentences of the thinking text (sentence rule)
+        self.recorded = 0             # N at the last sentence closure
+        self.prompt_core = self.prompt_ws = ""   # think_start=None: end of the prompt text (rstripped, ws)
+        self.prompt_last = None       # id sets: the prompt token that decides "thinking disabled"
+
+    # -- helpers
+    def _open(self, kind: int, pos: int):
+        self.kinds.append(KIND_NAMES[kind])
+        self.closed.append(False)
+        self.first.append(pos)
+        self.last.append(pos)
+        self.seg_pos, self.pending, self.dtail = pos, None, ""
+        if self.think_pos < 0:
+            self.think_pos = pos
+        if kind == SUMMARY and self.summary_pos < 0:
+            self.summary_pos = pos
+
+    def _close(self):
+        self.closed[-1] = True
+        self.pending = _KIND_CODE[self.kinds[-1]]
+
+    def _start_thinking(self, prefix: str):
+        self.phase = self.pending = _THINK
+        if self.o.steps == "sentence":
+            self.sent = _Sentences()
+            self.sent.feed(prefix)
+
+    def _disable_thinking(self):
+        self.phase = self.pending = SUMMARY
+
+    def _end_prompt_question(self):
+        """think_start=None: the first generated token ends the question (the prompt)."""
+        o = self.o
+        self.closed[0] = True
+        self.tail = ""
+        if o.text:
+            disabled = self.prompt_core.endswith(o.think_end)
+        else:
+            disabled = self.prompt_last is not None and self.prompt_last in o.end_ids
+        if disabled:
+            self._disable_thinking()
+        else:
+            self._start_thinking("")
+
+    def _question(self, token: int, piece, generated: bool):
+        o = self.o
+        if o.think_start is None:     # the prompt is the question: keep what decides "thinking disabled"
+            if not o.text:
+                if self.count == 1 or token not in o.boundary:
+                    self.prompt_last = token
+                return
+            stripped = piece.rstrip()
+            if stripped:
+                self.prompt_core = _keep(self.prompt_core + self.prompt_ws + stripped, len(o.think_end))
+                self.prompt_ws = _keep(piece[len(stripped):], len(o.think_end))
+            else:
+                self.prompt_ws = _keep(self.prompt_ws + piece, len(o.think_end))
+            return
+        ts = o.think_start
+        s = self.tail + piece
+        i = s.find(ts, max(0, len(self.tail) - len(ts) + 1))
+        if i < 0:
+            self.tail = _keep(s, len(ts) - 1)
+            return
+        # think_start completes in this token: the question's last token.
+        self.closed[0] = True
+        rest = s[i + len(ts):]        # the text after the marker (inside this token's piece)
+        if o.think_end in rest:
+            self._disable_thinking()
+        else:
+            self.tail = _keep(rest, len(o.think_end) - 1)
+            self._start_thinking(piece if generated else "")
+
+    # -- the rule
+    def place(self, token: int, pos: int) -> int:
+        """Place the row's next token (at column `pos`); returns its segment id."""
+        o = self.o
+        generated = self.count >= self.n_prompt
+        self.count += 1
+        self.prev = _NO_PREV
+        if self.phase == QUESTION and generated and o.think_start is None:
+            self._end_prompt_question()
+        phase = self.phase
+        if phase == SUMMARY and not o.summary_steps:   # nothing is looked at any more
             if self.pending is not None:
-                self._start(SUMMARY, position)
+                self._open(SUMMARY, pos)
+            self.last[-1] = pos
             return len(self.kinds) - 1
-        if rule.decode is None:
-            marker, piece = token in rule.think_end, None
-        else:
-            piece = self._piece(token)
-            marker = _completes(self.tail, piece, rule.marker)
-        if marker:
-            self._start(SUMMARY, position)
-            return len(self.kinds) - 1
-        if self.pending is not None:
-            self._start(self.pending, position)
-        if rule.decode is None:
-            delimiter = token in rule.boundary
-        else:
-            delimiter = _completes(self.tail, piece, rule.delimiter)
-            if rule.keep:
-                self.tail = (self.tail + piece)[-rule.keep:]
-        if delimiter:
-            self.pending = STEP
+        piece = self.detok.piece(token) if o.text else None
+        if phase == QUESTION:
+            if self.first[0] < 0:
+                self.first[0] = pos
+            self.last[0] = pos
+            self._question(token, piece, generated)
+            return 0
+        opened = self.pending is not None
+        if opened:
+            self._open(self.pending, pos)
+        self.last[-1] = pos
+        if phase == _THINK:
+            if o.text:
+                ends = _completes(self.tail, piece, o.think_end)
+                self.tail = _keep(self.tail + piece, len(o.think_end) - 1)
+            else:
+                ends = token in o.end_ids
+            if ends:                   # the last token of the thinking
+                self._close()
+                self._disable_thinking()
+            elif o.steps == "sentence":
+                sent = self.sent
+                sent.feed(piece)
+                if "." in piece:
+                    n = sent.count()
+                    if n > self.recorded:
+                        self.recorded = n
+                        self._close()
+            elif self._delimiter(token, piece):
+                self._close()
+            if opened and len(self.kinds) >= 3 and self.kinds[-2] == "step" and not self.closed[-1]:
+                self.prev = (self.first[-2], self.last[-2] + 1)
+        elif self._delimiter(token, piece):   # a summary segment (summary_steps)
+            self._close()
         return len(self.kinds) - 1
+
+    def _delimiter(self, token: int, piece) -> bool:
+        o = self.o
+        if not o.text:
+            return token in o.boundary
+        done = _completes(self.dtail, piece, o.delimiter)
+        self.dtail = _keep(self.dtail + piece, len(o.delimiter) - 1)
+        return done
+
+    # -- per-token outputs (after place)
+    def outputs(self, seg: int):
+        """(seg_start, think_start, summary_start, prev_step) of the token just placed in `seg`."""
+        if seg == 0:
+            return -1, -1, -1, _NO_PREV
+        return self.seg_pos, self.think_pos, (self.summary_pos if self.kinds[seg] == "summary" else -1), self.prev
 
 
 # --------------------------------------------------------------------------- inputs
@@ -455,78 +919,94 @@ def _prompt_lengths(prompt_lengths, counts):
 
 
 def segment(input_ids, prompt_lengths, tokenizer=None, boundary_token_ids=None, think_end_token_ids=None,
-            step_delimiter="\n\n", think_end="</think>", attention_mask=None) -> Segmentation:
-    """Segment traces by the rule of design.md 2.1.
+            step_delimiter="\n\n", think_end="auto", attention_mask=None, *, think_start="auto", steps="auto",
+            summary_steps=False, model=None) -> Segmentation:
+    """Segment traces by the rule of design.md 2.1 (module docstring: the rule as implemented).
 
     input_ids: LongTensor (B, T) or list of equal-length lists (a flat list is one row).
     prompt_lengths: int or one int per row: the number of non-padding prompt tokens. The
         prompt of a row is its first prompt_lengths valid tokens (with left padding it starts
-        after the padding); the rest of the valid tokens are generated.
+        after the padding); the rest of the valid tokens are generated. With think_start=None
+        the prompt is the question; with a think_start marker it only decides whether the
+        marker's token was generated (its piece then starts the sentence text).
     tokenizer (general case: the rule reads the decoded text) or boundary_token_ids and
         think_end_token_ids (fast path: single tokens that contain the delimiter / marker;
         pass think_end_token_ids=() for a model without marker). Exactly one of the two.
+    think_start: "auto" (per model family, markers_for), a string, or None (the prompt is the
+        question). think_end: "auto" or a string. steps: "auto" ("sentence" with a tokenizer,
+        "paragraph" with id sets), "sentence" or "paragraph". summary_steps: split the summary at
+        step_delimiter. model: optional hint for "auto" (model.config.model_type).
     attention_mask: optional (B, T) 0/1 in Hugging Face style (left or right padding);
         masked tokens get seg id -1 and are skipped by the rule.
-    Returns a Segmentation on the device of input_ids.
+    Returns a Segmentation on the device of input_ids (closed flags included).
     """
-    rule = _Rule(tokenizer, boundary_token_ids, think_end_token_ids, step_delimiter, think_end)
+    opts = _Options(tokenizer, boundary_token_ids, think_end_token_ids, step_delimiter, think_end, think_start,
+                    steps, summary_steps, model)
     ids, valid, device = _rows_and_mask(input_ids, attention_mask)
     prompts = _prompt_lengths(prompt_lengths, [sum(ok) for ok in valid])
-    seg_rows, kinds = [], []
+    seg_rows, kinds, closed = [], [], []
     for row, ok, p in zip(ids, valid, prompts):
-        positions = [i for i, v in enumerate(ok) if v]
-        tokens = [row[i] for i in positions]
-        seq = _Sequence(rule, tokens[:p])
+        state = _Row(opts, p)
         out = [-1] * len(row)
-        for i in positions[:p]:
-            out[i] = 0
-        for i in positions[p:]:
-            out[i] = seq.place(row[i], i)
+        for i, (token, v) in enumerate(zip(row, ok)):
+            if v:
+                out[i] = state.place(token, i)
         seg_rows.append(out)
-        kinds.append(seq.kinds)
+        kinds.append(state.kinds)
+        closed.append(state.closed)
     seg_ids = torch.tensor(seg_rows, dtype=torch.long).reshape(len(ids), len(ids[0]) if ids else 0)
-    return Segmentation(seg_ids.to(device), kinds)
+    return Segmentation(seg_ids.to(device), kinds, closed)
 
 
 # --------------------------------------------------------------------------- online form
 
 
 class TrackerUpdate(NamedTuple):
-    seg_ids: torch.Tensor    # (B, n) segment of each fed token, -1 where masked
-    seg_start: torch.Tensor  # (B, n) position where its segment starts, -1 where masked
-    kinds: list              # per row, the kinds so far (live lists: do not modify)
+    """Per fed token (B, n); masked (padding) columns hold -1."""
+    seg_ids: torch.Tensor        # segment of each token
+    seg_start: torch.Tensor      # position where its segment starts; -1 for question tokens
+    think_start: torch.Tensor    # first token after the question, as known at that token; -1 for question tokens
+    summary_start: torch.Tensor  # first summary token; -1 unless the token is summary
+    prev_step: torch.Tensor      # (B, n, 2): Segmentation.smi_prev_step of each token
+    kinds: list                  # per row, the kinds so far (live lists: do not modify)
+    closed: list                 # per row, the closed flags so far (live lists: do not modify)
 
 
 class StepTracker:
-    """The rule of 2.1 online: feed generated token ids as they come, per batch row.
+    """The rule of 2.1 online: feed token ids as they come, per batch row.
 
-    tracker = StepTracker(batch_size, tokenizer=tok)
-    tracker.start(prompt_ids, attention_mask)    # (B, P) prompt, left padding allowed
-    upd = tracker.feed(next_ids[:, None])        # (B, n) new tokens -> seg ids, seg starts
-    Positions count every column fed so far (padding included): they are key positions of the
-    KV cache. Feeding a trace in any chunking gives exactly segment(...) on the whole trace.
+    tracker = StepTracker(batch_size, tokenizer=tok)          # options as for segment()
+    upd = tracker.start(prompt_ids, attention_mask)           # (B, P) prompts, left padding allowed
+    upd = tracker.feed(next_ids[:, None])                     # (B, n) new tokens
+    Positions count every column fed so far (padding included): they are key positions of the KV
+    cache. start() places the prompt tokens too (the prompt may hold the whole question, the
+    thinking start, prefilled thinking or even the end of thinking). Feeding a trace in any
+    chunking gives exactly segment(...) on the whole trace (tracker.segmentation()). Each token
+    costs O(1) amortized (one bounded decode); nothing is replayed. A new start() begins new
+    sequences, in any batch size.
     """
 
     def __init__(self, batch_size=None, tokenizer=None, boundary_token_ids=None, think_end_token_ids=None,
-                 step_delimiter="\n\n", think_end="</think>"):
+                 step_delimiter="\n\n", think_end="auto", *, think_start="auto", steps="auto", summary_steps=False,
+                 model=None):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
-        self.rule = _Rule(tokenizer, boundary_token_ids, think_end_token_ids, step_delimiter, think_end)
+        self.options = _Options(tokenizer, boundary_token_ids, think_end_token_ids, step_delimiter, think_end,
+                                think_start, steps, summary_steps, model)
         self._rows = None
 
-    def start(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """Start new sequences: the (non-padding) tokens of input_ids are the prompts. Returns
-        their seg ids (B, T): 0, and -1 on padding. The batch size is that of input_ids: new sequences
-        replace the old ones, so one tracker serves generate calls of any batch size in turn."""
+    def start(self, input_ids, attention_mask=None) -> TrackerUpdate:
+        """Start new sequences: the (non-padding) tokens of input_ids are the prompts; places them
+        and returns their TrackerUpdate (B, P). The batch size is that of input_ids."""
         ids, valid, device = _rows_and_mask(input_ids, attention_mask)
         self.batch_size = len(ids)
-        self._rows = [_Sequence(self.rule, [t for t, v in zip(row, ok) if v]) for row, ok in zip(ids, valid)]
-        self._seg = [[0 if v else -1 for v in ok] for ok in valid]
+        self._rows = [_Row(self.options, sum(ok)) for ok in valid]
+        self._seg = [[] for _ in ids]
         self._kv_start = [ok.index(True) if True in ok else len(ok) for ok in valid]
-        self._length = len(ids[0]) if ids else 0
-        return torch.tensor(self._seg, dtype=torch.long, device=device).reshape(len(ids), self._length)
+        self._length = 0
+        return self._place(ids, valid, device)
 
     def feed(self, new_ids, attention_mask=None) -> TrackerUpdate:
         """Append n tokens per row (B, n); attention_mask (B, n) marks padding columns."""
@@ -535,25 +1015,41 @@ class StepTracker:
         ids, valid, device = _rows_and_mask(new_ids, attention_mask, name="new_ids")
         if len(ids) != self.batch_size:
             raise ValueError(f"new_ids has {len(ids)} rows, the tracker has {self.batch_size}")
-        n = len(ids[0])
-        segs, starts = [], []
-        for seq, history, row, ok in zip(self._rows, self._seg, ids, valid):
-            seg, start = [-1] * n, [-1] * n
+        return self._place(ids, valid, device)
+
+    def _place(self, ids, valid, device) -> TrackerUpdate:
+        n = len(ids[0]) if ids else 0
+        base = self._length
+        segs, starts, thinks, summs, prevs = [], [], [], [], []
+        for state, history, row, ok in zip(self._rows, self._seg, ids, valid):
+            seg, start, think, summ, prev = [-1] * n, [-1] * n, [-1] * n, [-1] * n, [_NO_PREV] * n
             for j in range(n):
                 if ok[j]:
-                    seg[j] = seq.place(row[j], self._length + j)
-                    start[j] = seq.start_pos
+                    s = state.place(row[j], base + j)
+                    seg[j] = s
+                    start[j], think[j], summ[j], prev[j] = state.outputs(s)
             history.extend(seg)
             segs.append(seg)
             starts.append(start)
+            thinks.append(think)
+            summs.append(summ)
+            prevs.append(prev)
         self._length += n
         shape = (len(ids), n)
-        return TrackerUpdate(torch.tensor(segs, dtype=torch.long, device=device).reshape(shape),
-                             torch.tensor(starts, dtype=torch.long, device=device).reshape(shape), self.kinds)
+
+        def as_tensor(x, *extra):
+            return torch.tensor(x, dtype=torch.long).reshape(shape + extra).to(device)
+
+        return TrackerUpdate(as_tensor(segs), as_tensor(starts), as_tensor(thinks), as_tensor(summs),
+                             as_tensor(prevs, 2), self.kinds, self.closed)
 
     @property
     def kinds(self) -> list:
         return [row.kinds for row in self._rows] if self._rows is not None else []
+
+    @property
+    def closed(self) -> list:
+        return [row.closed for row in self._rows] if self._rows is not None else []
 
     @property
     def length(self) -> int:
@@ -570,7 +1066,13 @@ class StepTracker:
     @property
     def segment_start(self) -> torch.Tensor:
         """(B,) position where each row's current segment starts; -1 while it is the question."""
-        return torch.tensor([row.start_pos for row in self._rows], dtype=torch.long)
+        return torch.tensor([row.seg_pos for row in self._rows], dtype=torch.long)
+
+    def channel_starts(self) -> torch.Tensor:
+        """(B, 2) as Segmentation.channel_starts of everything fed so far (length where absent)."""
+        t = self._length
+        return torch.tensor([[r.think_pos if r.think_pos >= 0 else t, r.summary_pos if r.summary_pos >= 0 else t]
+                             for r in self._rows], dtype=torch.long).reshape(len(self._rows), 2)
 
     def kv_start(self) -> torch.Tensor:
         """(B,) leading padding columns of the prompt."""
@@ -578,4 +1080,6 @@ class StepTracker:
 
     def segmentation(self) -> Segmentation:
         """Everything fed so far as a Segmentation (equal to segment() on the whole trace)."""
-        return Segmentation(self.seg_ids, [list(k) for k in self.kinds])
+        if self._rows is None:
+            raise RuntimeError("StepTracker.segmentation called before start()")
+        return Segmentation(self.seg_ids, [list(k) for k in self.kinds], [list(c) for c in self.closed])
