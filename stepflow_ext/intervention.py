@@ -381,6 +381,7 @@ def replace_attention(model, config: StepFlowConfig | None = None, tokenizer=Non
     options = dict(segmentation)
     if tokenizer is not None:
         options["tokenizer"] = tokenizer
+        options["model"] = model  # "auto" markers per model family (segment.markers_for)
     if tokenizer is not None or "boundary_token_ids" in options or "think_end_token_ids" in options:
         tracker = StepTracker(**options)
     handle = StepFlowHandle(model, config, tracker, control, control_seed, options)

@@ -56,7 +56,9 @@ def config(arch: str, layers: int = 4, hidden: int = 64, heads: int = 4, kv_head
     raise ValueError(arch)
 
 
-def model(arch: str, attn: str = "sdpa", dtype=torch.float32, seed: int = 0, **kw):
+def model(arch: str, attn: str = "sdpa", dtype=torch.float32, seed: int = 0, sharpen: float = 1.0, **kw):
+    """A random model; sharpen > 1 multiplies the query/key scale of every layer (so that attention is
+    peaky enough for the Odds-Equal Bridge to find a starved bridge, as it does in real models)."""
     torch.manual_seed(seed)
     cfg = config(arch, **kw)
     cfg._attn_implementation = attn
@@ -64,5 +66,12 @@ def model(arch: str, attn: str = "sdpa", dtype=torch.float32, seed: int = 0, **k
     # Random init of tiny models gives near-uniform attention; sharpen it so the tests see structure.
     with torch.no_grad():
         for layer in m.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
+            attn = layer.self_attn
+            attn.q_proj.weight.mul_(4.0)
+            if sharpen != 1.0:
+                attn.q_proj.weight.mul_(sharpen)
+                attn.k_proj.weight.mul_(sharpen)
+                for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):  # Qwen3
+                    if norm is not None:
+                        norm.weight.mul_(sharpen ** 0.5)  # q.k grows by sharpen, as for the others
     return m.eval()

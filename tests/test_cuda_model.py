@@ -1,6 +1,6 @@
 """Model-level checks on the GPU: a random Qwen2 under StepFlow and Step-Saliency, CUDA kernels end to end.
 
-The CPU path is tested against the float64 reference in test_hf.py; here the same model on the GPU must
+The CPU path is tested against the float64 reference in test_intervention.py; here the same model on the GPU must
 agree with it, and decoding token by token on the GPU (split-KV decode kernels, on-device momentum state)
 must equal one teacher-forced prefill.
 """
@@ -13,18 +13,21 @@ import torch
 
 import stepflow_ext as sf
 from hf_models import model as make_model, tokenizer as make_tokenizer
-from test_hf import batch, decode_and_prefill
+from test_intervention import SHARP, batch, decode_and_prefill
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 # head_dim 64: the tensor-core path of the kernels (hidden 256 / 4 heads), GQA 4/2.
 SHAPE = dict(hidden=256, heads=4, kv_heads=2)
-CFG = sf.StepFlowConfig(oeb_layers=(0, 1), oeb_strength=0.8, smi_layers=(2, 3), smi_gamma=0.3)
+# The paper's rules (bridge OEB, value SMI) and the earlier ones (odds OEB, residual SMI).
+CFG = sf.StepFlowConfig(oeb_layers=(0, 1), smi_layers=(2, 3), smi_alpha=0.5)
+EARLIER = sf.StepFlowConfig(oeb_layers=(0, 1), oeb_rule="odds", oeb_strength=0.8, smi_layers=(2, 3),
+                            smi_rule="residual", smi_gamma=0.3)
 
 
 def _pair(dtype):
-    cpu = make_model("qwen2", **SHAPE)
+    cpu = make_model("qwen2", sharpen=SHARP, **SHAPE)
     gpu = copy.deepcopy(cpu).to("cuda", dtype)
     return cpu, gpu
 
@@ -53,7 +56,8 @@ def test_forced_pass_on_gpu_equals_cpu(dtype):
 def test_decode_equals_prefill_on_gpu(dtype):
     tok = make_tokenizer()
     _, model = _pair(dtype)
-    decoded, prefilled, _, _, _ = decode_and_prefill(model, tok, CFG, device="cuda")
+    decoded, prefilled, _, _, _, counts = decode_and_prefill(model, tok, CFG, device="cuda")
+    assert sum(counts["oeb"].values()) > 0
     tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(decoded.float(), prefilled.float(), **tol)
 
