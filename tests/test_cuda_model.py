@@ -32,19 +32,20 @@ def _pair(dtype):
     return cpu, gpu
 
 
-def _forced_logits(model, ids, mask, seg):
-    with sf.replace_attention(model, CFG) as handle:
+def _forced_logits(model, ids, mask, seg, cfg=CFG):
+    with sf.replace_attention(model, cfg) as handle:
         handle.set_segmentation(seg)
         return model(ids, attention_mask=mask).logits.float().cpu()
 
 
+@pytest.mark.parametrize("cfg", [CFG, EARLIER], ids=["paper", "earlier"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forced_pass_on_gpu_equals_cpu(dtype):
+def test_forced_pass_on_gpu_equals_cpu(dtype, cfg):
     tok = make_tokenizer()
     cpu, gpu = _pair(dtype)
     ids, mask, seg = batch(tok)
-    expected = _forced_logits(cpu, ids, mask, seg)
-    got = _forced_logits(gpu, ids.cuda(), mask.cuda(), seg.to("cuda"))
+    expected = _forced_logits(cpu, ids, mask, seg, cfg)
+    got = _forced_logits(gpu, ids.cuda(), mask.cuda(), seg.to("cuda"), cfg)
     valid = mask.bool()
     tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float32 else dict(atol=0.15, rtol=0.05)
     torch.testing.assert_close(got[valid], expected[valid], **tol)
