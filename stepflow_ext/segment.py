@@ -1020,28 +1020,20 @@ class StepTracker:
     def _place(self, ids, valid, device) -> TrackerUpdate:
         n = len(ids[0]) if ids else 0
         base = self._length
-        segs, starts, thinks, summs, prevs = [], [], [], [], []
-        for state, history, row, ok in zip(self._rows, self._seg, ids, valid):
-            seg, start, think, summ, prev = [-1] * n, [-1] * n, [-1] * n, [-1] * n, [_NO_PREV] * n
+        # per field, per row, per token: seg id, seg start, think start, summary start, prev step (2)
+        fields = [[[-1] * n for _ in ids] for _ in range(6)]
+        for b, (state, history, row, ok) in enumerate(zip(self._rows, self._seg, ids, valid)):
+            seg, start, think, summ, prev0, prev1 = (f[b] for f in fields)
             for j in range(n):
                 if ok[j]:
-                    s = state.place(row[j], base + j)
-                    seg[j] = s
-                    start[j], think[j], summ[j], prev[j] = state.outputs(s)
+                    s = seg[j] = state.place(row[j], base + j)
+                    start[j], think[j], summ[j], (prev0[j], prev1[j]) = state.outputs(s)
             history.extend(seg)
-            segs.append(seg)
-            starts.append(start)
-            thinks.append(think)
-            summs.append(summ)
-            prevs.append(prev)
         self._length += n
-        shape = (len(ids), n)
-
-        def as_tensor(x, *extra):
-            return torch.tensor(x, dtype=torch.long).reshape(shape + extra).to(device)
-
-        return TrackerUpdate(as_tensor(segs), as_tensor(starts), as_tensor(thinks), as_tensor(summs),
-                             as_tensor(prevs, 2), self.kinds, self.closed)
+        # one tensor (and one copy to the device) per call, each field a contiguous slice of it
+        table = torch.tensor(fields, dtype=torch.long).reshape(6, len(ids), n).to(device)
+        return TrackerUpdate(table[0], table[1], table[2], table[3], table[4:6].permute(1, 2, 0).contiguous(),
+                             self.kinds, self.closed)
 
     @property
     def kinds(self) -> list:
