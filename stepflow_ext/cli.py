@@ -94,8 +94,16 @@ def load_config(path, model):
     return cfg
 
 
+def segmentation_options(args) -> dict:
+    """The segmentation options of the command line (the `segmentation` group), as segment() takes them."""
+    start = _escapes(args.think_start)
+    return {"think_start": None if start.lower() == "none" else start, "think_end": _escapes(args.think_end),
+            "steps": args.steps, "summary_steps": args.summary_steps,
+            "step_delimiter": _escapes(args.step_delimiter)}
+
+
 def _rule(args) -> dict:
-    return {"step_delimiter": _escapes(args.step_delimiter), "think_end": _escapes(args.think_end)}
+    return segmentation_options(args)
 
 
 # --------------------------------------------------------------------------- generate
@@ -241,7 +249,7 @@ def _segment(trace, tok, rule):
 def _check_target(trace, seg, target, rule):
     kinds = seg.kinds[0]
     if target == "summary" and "summary" not in kinds:
-        return trace.error(f"no summary: the end-of-thinking marker {rule['think_end']!r} never completes in the "
+        return trace.error(f"no summary: the end-of-thinking marker (--think-end {rule['think_end']!r}) never completes in the "
                            "generated tokens (use --target thinking or generated, or --think-end)")
     if target == "thinking" and "step" not in kinds:
         return trace.error("no thinking step: the trace opens with the summary (use --target summary)")
@@ -279,11 +287,23 @@ def _saliency(model, tok, trace, args, rule, model_name, warn=True):
     return res, report
 
 
+def _composition_markers(args, tok, model) -> tuple[str, str]:
+    """The markers that join {question, thinking, summary} records into one text: the segmentation's
+    (resolved per model family for "auto"); the thinking opens with the marker and a newline."""
+    from .segment import markers_for
+
+    opts = segmentation_options(args)
+    auto = markers_for(tok, model)
+    start = auto[0] if opts["think_start"] in ("auto", None) else opts["think_start"]
+    end = auto[1] if opts["think_end"] == "auto" else opts["think_end"]
+    return start + "\n", end
+
+
 def _load_traces(args, tok, model):
+    start, end = _composition_markers(args, tok, model)
     try:
-        return read_traces(args.traces, tok, chat_template=not args.no_chat_template,
-                           think_start=_escapes(args.think_start), think_end=_escapes(args.think_end),
-                           vocab_size=model.get_input_embeddings().weight.shape[0])
+        return read_traces(args.traces, tok, chat_template=not args.no_chat_template, think_start=start,
+                           think_end=end, vocab_size=model.get_input_embeddings().weight.shape[0])
     except OSError as e:
         raise UsageError(f"cannot read traces: {e}") from None
 
@@ -781,10 +801,20 @@ def _common(p, model_required=True):
                    help="the model's attention kernel: sdpa (transformers' default), eager, flash_attention_2, ...")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow code from the model repository to run (off by default)")
-    s = p.add_argument_group("segmentation (docs/method.md section 1)")
+    s = p.add_argument_group("segmentation (docs/method.md section 1; the paper's rule by default)")
+    s.add_argument("--think-start", default="auto", metavar="TEXT",
+                   help="marker that opens the thinking: auto (default: <think> for R1-Distill / QwQ / Qwen3, "
+                        "<|channel|>analysis<|message|> for GPT-OSS), a text, or none (the prompt is the question)")
+    s.add_argument("--think-end", default="auto", metavar="TEXT",
+                   help="marker that ends the thinking: auto (default: </think>, or <|channel|>final<|message|> "
+                        "for GPT-OSS) or a text; backslash escapes allowed")
+    s.add_argument("--steps", default="sentence", choices=("sentence", "paragraph"),
+                   help="how the thinking splits into steps: sentence (default, the paper's: sentences of >= 15 "
+                        "characters ending in '. ') or paragraph (a step ends at --step-delimiter)")
+    s.add_argument("--summary-steps", action="store_true",
+                   help="split the summary at --step-delimiter too (the paper's offline maps do)")
     s.add_argument("--step-delimiter", default="\\n\\n", metavar="TEXT",
-                   help="text that closes a thinking step, backslash escapes allowed (default: '\\n\\n')")
-    s.add_argument("--think-end", default="</think>", metavar="TEXT", help="end-of-thinking marker (default: </think>)")
+                   help="the paragraph delimiter, backslash escapes allowed (default: '\\n\\n')")
     s.add_argument("--no-chat-template", action="store_true",
                    help="use questions as plain text instead of applying the tokenizer's chat template")
 
@@ -800,8 +830,6 @@ def _analysis_options(p):
                    help="recompute each layer in the backward pass (long traces, less memory)")
     p.add_argument("--chunk-tokens", type=int, default=1024, metavar="N",
                    help="tokens per chunk of the vocabulary projection (default 1024)")
-    p.add_argument("--think-start", default="<think>\\n", metavar="TEXT",
-                   help="opens the thinking after a {question, thinking, summary} prompt (default: '<think>\\n')")
     p.add_argument("--bins", type=int, default=10, metavar="N",
                    help="relative-position bins of the thinking in the aggregate maps (default 10)")
     p.add_argument("--plots", type=int, default=8, metavar="N",

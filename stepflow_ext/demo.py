@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-DEFAULT_GRID = "oeb_strength=0.5,1.0;smi_gamma=0.05,0.2"
+# Around the paper's values (τ_max 0.15, α 0.06: design.md 2.5) and a stronger setting of each.
+DEFAULT_GRID = "oeb_tau_max=0.15,0.3;smi_alpha=0.06,0.3"
 
 HONESTY = (
     "What this measures: the accuracy of THIS model on THESE items, greedy decoding, with and without "
@@ -155,6 +156,10 @@ def cmd_demo(args) -> int:
         if not os.path.isfile(path):
             raise cli.UsageError(f"no such file: {path}")
     instruction = args.instruction or ("none" if packaged else "default")
+    # The embedded model writes one substitution per paragraph and no sentence ends ("y = x - 1 = 80\n\n"),
+    # so the paper's sentence rule would see one step: it is segmented by the paragraph rule. Other models
+    # get the paper's rule unless --steps says otherwise.
+    steps = args.steps or ("paragraph" if packaged else "sentence")
     out = args.out
     os.makedirs(out, exist_ok=True)
 
@@ -167,7 +172,7 @@ def cmd_demo(args) -> int:
     for item in load_items(test_path, args.task)[0]:
         for group in _groups_of(item.meta or {}):
             groups[group].append(item.id)
-    placement = ["--device", args.device, "--dtype", args.dtype]
+    placement = ["--device", args.device, "--dtype", args.dtype, "--steps", steps]
     common = ["--model", model, "--task", args.task, *placement,
               "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
               "--instruction", instruction]
@@ -234,7 +239,11 @@ def cmd_demo(args) -> int:
     rep.text(HONESTY)
     rep.text(f"Model: {model}. Test: {len(test)} items from {test_src}; dev (for choosing the config): "
              f"{len(dev)} items from {dev_src}. Greedy decoding, at most {args.max_new_tokens} new tokens, "
-             f"instruction: {instruction}. Grid on dev: {args.grid}. Chosen on dev: {chosen['name']} "
+             f"instruction: {instruction}. Steps: the {steps} rule"
+             + (" (the embedded model writes one substitution per paragraph, without sentence ends, so the "
+                "paper's sentence rule would see a single step)" if packaged and steps == "paragraph" else "")
+             + f". StepFlow's default config is the paper's (Table 8): {_describe_config(default_dir)}. Grid on dev: "
+             f"{args.grid}. Chosen on dev: {chosen['name']}, {_describe_config(None, chosen['config'])} "
              f"({chosen.get('rule', '')}).")
     rep.heading("Accuracy on test, paired against the stock model")
     rep.table(["run", "what"] + commands.COMPARE_HEADER[1:], commands.compare_table(report, what=True))
@@ -271,6 +280,19 @@ def cmd_demo(args) -> int:
     return status
 
 
+def _describe_config(run_dir, config=None) -> str:
+    """One line for a StepFlow config, from a run's settings or a config dict."""
+    from .config import StepFlowConfig
+    from .eval.commands import read_summary
+
+    if config is None:
+        try:
+            config = read_summary(run_dir)["settings"].get("stepflow")
+        except Exception:  # noqa: BLE001 - the run failed; its error was reported
+            return "n/a"
+    return StepFlowConfig.from_dict(config).describe() if config else "none"
+
+
 def add_parser(sub, raw):
     p = sub.add_parser(
         "demo", formatter_class=raw, help="the whole method in one command (offline, on the embedded model)",
@@ -297,6 +319,9 @@ def add_parser(sub, raw):
     p.add_argument("--instruction", default=None, metavar="TEXT",
                    help="default | none | TEXT (default: none for the embedded model, which was trained on bare "
                         "questions; default otherwise)")
+    p.add_argument("--steps", default=None, choices=("sentence", "paragraph"),
+                   help="step rule (default: paragraph for the embedded model, whose steps are paragraphs without "
+                        "sentence ends; sentence, the paper's, otherwise)")
     p.add_argument("--n-boot", type=int, default=10000, metavar="N", help="bootstrap resamples (default 10000)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

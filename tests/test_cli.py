@@ -29,7 +29,9 @@ from hf_models import model as make_model, tokenizer as make_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}")
-THINKING = ["First, 12 + 7 means adding seven to twelve.", "So 12 + 7 = 19.", "Check: 19 - 7 = 12."]
+# Sentences of >= 15 characters: the paper's sentence rule (the default) closes a step at each.
+THINKING = ["First, 12 + 7 means adding seven to twelve.", "So 12 + 7 = 19, which is the sum.",
+            "Check: 19 - 7 = 12, as it should be."]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +75,7 @@ def _is_picture(path, min_size=(400, 250)):
 def _trace_lines(tok):
     """Three good traces in the three formats."""
     ids_prompt = tok("Question: what is 3 + 4? <think>")["input_ids"]
-    ids_rest = tok("Add 3 and 4.\n\nSo 7.\n\nDone.</think> The answer is 7.")["input_ids"]
+    ids_rest = tok("Add three and four together.\n\nSo the sum is seven here.\n\nDone.</think> The answer is 7.")["input_ids"]
     return [
         {"id": "q1", "question": "What is 12 + 7?", "thinking": "\n\n".join(THINKING), "summary": "The answer is 19."},
         {"prompt": "Let x = 3. Then 2x + 1 = 7? <think>",
@@ -125,12 +127,15 @@ def test_trace_formats_and_malformed_lines(tmp_path):
     assert "10000" in got[6][1] and got[8][0] == "input_ids|prompt|question"
     assert str(errors[0]).startswith(f"{path}:2: ")
     assert str(errors[1]).startswith(f"{path}:4: thinking: ")
-    # {question, thinking, summary}: the R1 layout, segmented into Q, 3 steps, A
+    # {question, thinking, summary}: the R1 layout, segmented into Q, 3 sentence steps, a step of what follows
+    # the last sentence end ("\n</think>": the marker's token is the thinking's last), A
     q = traces[0]
     text = tok.decode(q.input_ids[q.prompt_len:])
     assert text == "\n\n".join(THINKING) + "\n</think>\n\nThe answer is 19."
     seg = sf.segment(torch.tensor([q.input_ids]), [q.prompt_len], tokenizer=tok)
-    assert seg.kinds[0] == ["question", "step", "step", "step", "summary"]
+    assert seg.kinds[0] == ["question", "step", "step", "step", "step", "summary"]
+    last = [t for t, s in zip(q.input_ids, seg.seg_ids[0].tolist()) if s == 4]
+    assert tok.decode(last).strip() == "</think>"
     assert traces[2].input_ids == good[2]["input_ids"]
 
 
@@ -203,7 +208,7 @@ def test_analyze_end_to_end(tiny, tmp_path, capsys):
         assert res.meta["source"] == t["source"] and res.meta["model"] == tiny
         assert res.diagnose()[0]["lock_in_index"] == pytest.approx(t["lock_in_index"], nan_ok=True)
     meta = _strict_json(out / "traces" / "line0001-q1.safetensors.json")
-    assert meta["kinds"] == [["question", "step", "step", "step", "summary"]]
+    assert meta["kinds"] == [["question", "step", "step", "step", "step", "summary"]]
     agg = _strict_json(out / "aggregate.safetensors.json")
     assert agg["n"] == 3 and agg["labels"][0] == "Q" and agg["labels"][-1] == "A" and len(agg["labels"]) == 12
 

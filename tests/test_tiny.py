@@ -147,9 +147,13 @@ def test_rendered_trace_segments_into_its_steps(packaged, steps):
     prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
     ids = prompt + tok(p.completion, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == tasks.render(p)
-    seg = sf.segment(torch.tensor([ids]), len(prompt), tokenizer=tok)
+    # Its steps are paragraphs without sentence ends: the paragraph rule finds them, the paper's sentence
+    # rule (the default) sees one step (why the demo segments this model by paragraphs).
+    seg = sf.segment(torch.tensor([ids]), len(prompt), tokenizer=tok, steps="paragraph")
     assert seg.kinds[0] == ["question"] + ["step"] * steps + ["summary"]
-    # the fast path with explicit ids agrees
+    assert sf.segment(torch.tensor([ids]), len(prompt), tokenizer=tok).kinds[0] == ["question", "step", "summary"]
+    # the fast path with explicit ids (no think_start: the prompt is the question) agrees with the text rule
+    seg = sf.segment(torch.tensor([ids]), len(prompt), tokenizer=tok, steps="paragraph", think_start=None)
     fast = sf.segment(torch.tensor([ids]), len(prompt), boundary_token_ids=[tok.convert_tokens_to_ids("\n\n")],
                       think_end_token_ids=[tok.convert_tokens_to_ids("</think>")])
     assert torch.equal(fast.seg_ids, seg.seg_ids)
@@ -183,7 +187,7 @@ def test_step_saliency_and_stepflow_run_on_the_tiny_reasoner(packaged):
     prompt = tok(p.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         ids = model.generate(prompt, max_new_tokens=100, do_sample=False, pad_token_id=tok.pad_token_id)
-    seg = sf.segment(ids, prompt.shape[1], tokenizer=tok)
+    seg = sf.segment(ids, prompt.shape[1], tokenizer=tok, steps="paragraph")
     assert seg.kinds[0] == ["question"] + ["step"] * 4 + ["summary"]
     result = sf.step_saliency(model, ids, seg)
     layers = model.config.num_hidden_layers
@@ -191,7 +195,7 @@ def test_step_saliency_and_stepflow_run_on_the_tiny_reasoner(packaged):
     rows = result.normalized("row")[0]   # (layers, S, S): the share of each row's saliency per source
     assert torch.allclose(rows[:, 5].sum(-1), torch.ones(layers), atol=1e-4)
     assert bool((rows[:, 5, 1:5].sum(-1) > 0).all())   # the summary draws on the thinking steps
-    with sf.replace_attention(model, sf.StepFlowConfig.default_for(model), tokenizer=tok) as handle:
+    with sf.replace_attention(model, sf.StepFlowConfig.default_for(model), tokenizer=tok, steps="paragraph") as handle:
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=100, do_sample=False, pad_token_id=tok.pad_token_id)
         assert handle.segmentation(out).kinds[0][:2] == ["question", "step"]

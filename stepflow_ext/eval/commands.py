@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ..cli import UsageError, _eos_ids, _err, _escapes, _print_table
+from ..cli import UsageError, _eos_ids, _err, _escapes, _print_table, segmentation_options
 from ..config import CONTROLS
 from . import distributed
 from .runner import (ERRORS, ROWS, SUMMARY, SUMMARY_HEADER, CompletionsFile, EvalSettings, HFGenerator, RunMismatch,
@@ -184,8 +184,7 @@ def _settings(args, data, task, stepflow=None, control=None) -> EvalSettings:
                         control_seed=args.control_seed, samples=args.samples, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         chat_template=not args.no_chat_template, instruction=args.instruction,
-                        step_delimiter=_escapes(args.step_delimiter),
-                        think_end=_escapes(args.think_end), dtype=args.dtype,
+                        **segmentation_options(args), dtype=args.dtype,
                         completions_from=getattr(args, "completions_from", None), data_sha256=file_sha256(data))
 
 

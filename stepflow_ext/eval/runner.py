@@ -66,11 +66,20 @@ class EvalSettings:
     seed: int = 0
     chat_template: bool = True
     instruction: str = "default"
+    # segmentation (design.md 2.1; the options of stepflow_ext.segment)
+    think_start: str | None = "auto"
+    think_end: str = "auto"
+    steps: str = "sentence"
+    summary_steps: bool = False
     step_delimiter: str = "\n\n"
-    think_end: str = "</think>"
     dtype: str = "auto"
     completions_from: str | None = None
     data_sha256: str | None = None
+
+    def segmentation(self) -> dict:
+        """The segmentation options, as segment() and replace_attention() take them."""
+        return dict(think_start=self.think_start, think_end=self.think_end, steps=self.steps,
+                    summary_steps=self.summary_steps, step_delimiter=self.step_delimiter)
 
     def check(self) -> None:
         if self.samples < 1:
@@ -202,8 +211,7 @@ class HFGenerator:
 
         s = self.settings
         control = {"control": s.control, "control_seed": control_seed} if s.control else {}
-        return sf.replace_attention(self.model, self.config, tokenizer=self.tok, step_delimiter=s.step_delimiter,
-                                    think_end=s.think_end, **control)
+        return sf.replace_attention(self.model, self.config, tokenizer=self.tok, **s.segmentation(), **control)
 
     def __call__(self, requests: list[Request]) -> list[dict]:
         import torch
@@ -231,7 +239,7 @@ class HFGenerator:
                 handle.restore()
         elapsed = (time.perf_counter() - start) / len(requests)
         results = []
-        rule = {"step_delimiter": s.step_delimiter, "think_end": s.think_end}
+        rule = dict(s.segmentation(), model=self.model)
         for row, r in enumerate(requests):
             gen = out[row, width:].tolist()
             cut = next((i for i, t in enumerate(gen) if t in self.eos), None)
