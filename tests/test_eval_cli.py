@@ -73,7 +73,7 @@ def test_eval_none_stepflow_controls_then_compare_runs(tiny, tmp_path, monkeypat
 
     monkeypatch.setattr(sf, "replace_attention", spy)
     config = tmp_path / "sf.json"
-    config.write_text(json.dumps({"oeb_layers": [0, 1], "oeb_strength": 0.75, "smi_layers": [3], "smi_gamma": 0.1}))
+    config.write_text(json.dumps({"oeb_layers": [0, 1], "oeb_tau_max": 0.3, "smi_layers": [3], "smi_alpha": 0.1}))
     runs = {"base": [], "default": ["--stepflow", "default"], "file": ["--stepflow", config],
             "rattn": ["--stepflow", config, "--control", "random-attn", "--control-seed", 3],
             "rres": ["--stepflow", config, "--control", "random-residual"]}
@@ -100,7 +100,8 @@ def test_eval_none_stepflow_controls_then_compare_runs(tiny, tmp_path, monkeypat
         if name == "default":
             assert cfg == sf.StepFlowConfig.default_for(4)
         else:
-            assert cfg.oeb_layers == (0, 1) and cfg.oeb_strength == 0.75 and cfg.smi_gamma == 0.1
+            assert cfg.oeb_layers == (0, 1) and cfg.oeb_tau_max == 0.3 and cfg.smi_alpha == 0.1
+            assert (cfg.oeb_rule, cfg.smi_rule) == ("bridge", "value")
         assert control == {"rattn": "random-attn", "rres": "random-residual"}.get(name)
         assert all(r["control"] == control for r in rows)
         if control:
@@ -119,7 +120,7 @@ def test_eval_none_stepflow_controls_then_compare_runs(tiny, tmp_path, monkeypat
     assert "Paired comparison on 5 common items" in out
     for name in runs:
         assert name in out
-    assert "control random-attn (seed 3) sized as StepFlow OEB 0-1 λ=0.75" in out
+    assert "control random-attn (seed 3) sized as StepFlow OEB bridge τ≤0.3 @0-1; SMI value α=0.1 w=4 @3" in out
     md = (tmp_path / "paired.md").read_text()
     assert md.count("\n| ") == 1 + len(runs)
     assert run("compare-runs", *dirs, "--out", tmp_path / "paired.json", "--n-boot", 200) == 0
@@ -384,15 +385,15 @@ def test_sweep_chooses_on_dev_and_reports_on_test(tiny, tmp_path, capsys):
     dev, test = _split(tmp_path, ["d1", "d2", "d3"], ["t1", "t2"])
     out = tmp_path / "sweep"
     assert run("sweep", "--model", tiny, "--device", "cpu", "--dev", dev, "--test", test, "--task", "math",
-               "--grid", "oeb_strength=0.5,0.25;oeb_layers=0-1", "--max-new-tokens", 6, "--batch-size", 2,
+               "--grid", "oeb_tau_max=0.3,0.15;oeb_layers=0-1", "--max-new-tokens", 6, "--batch-size", 2,
                "--no-progress", "--n-boot", 200, "--with-controls", "--out", out) == 0
     chosen = json.loads((out / "chosen.json").read_text())
-    # a random model scores 0 everywhere: a tie, so the smaller perturbation (λ 0.25) is chosen
-    assert chosen["name"] == "lam0.25_oeb0-1" and chosen["tied"] == ["lam0.5_oeb0-1", "lam0.25_oeb0-1"]
-    assert chosen["config"]["oeb_strength"] == 0.25 and chosen["config"]["oeb_layers"] == [0, 1]
-    assert sorted(os.listdir(out / "dev")) == ["baseline", "lam0.25_oeb0-1", "lam0.5_oeb0-1"]
+    # a random model scores 0 everywhere: a tie, so the smaller perturbation (τ_max 0.15) is chosen
+    assert chosen["name"] == "tau0.15_oeb0-1" and chosen["tied"] == ["tau0.3_oeb0-1", "tau0.15_oeb0-1"]
+    assert chosen["config"]["oeb_tau_max"] == 0.15 and chosen["config"]["oeb_layers"] == [0, 1]
+    assert sorted(os.listdir(out / "dev")) == ["baseline", "tau0.15_oeb0-1", "tau0.3_oeb0-1"]
     assert sorted(os.listdir(out / "test")) == ["baseline", "chosen", "random-attn", "random-residual"]
-    for name in ("lam0.25_oeb0-1", "lam0.5_oeb0-1"):
+    for name in ("tau0.15_oeb0-1", "tau0.3_oeb0-1"):
         assert {r["item_id"] for r in read_jsonl(out / "dev" / name / "rows.jsonl")} == {"d1", "d2", "d3"}
     test_rows = read_jsonl(out / "test" / "chosen" / "rows.jsonl")
     assert {r["item_id"] for r in test_rows} == {"t1", "t2"} and test_rows[0]["stepflow"] == chosen["config"]
@@ -401,13 +402,13 @@ def test_sweep_chooses_on_dev_and_reports_on_test(tiny, tmp_path, capsys):
     assert report["items_in_common"] == 2 and report["chosen"]["name"] == chosen["name"]
     control_rows = read_jsonl(out / "test" / "random-attn" / "rows.jsonl")
     assert all(r["control"] == "random-attn" and r["stepflow"] == chosen["config"] for r in control_rows)
-    assert "chosen on dev: lam0.25_oeb0-1" in capsys.readouterr().out
+    assert "chosen on dev: tau0.15_oeb0-1" in capsys.readouterr().out
     assert (out / "report.md").exists()
 
 
 def test_sweep_refuses_to_tune_on_test(tiny, tmp_path, capsys):
     dev, test = _split(tmp_path, ["d1", "d2"], ["t1", "d2"])
-    common = ["--model", tiny, "--device", "cpu", "--task", "math", "--grid", "smi_gamma=0.02", "--out",
+    common = ["--model", tiny, "--device", "cpu", "--task", "math", "--grid", "smi_alpha=0.02", "--out",
               tmp_path / "s"]
     assert run("sweep", "--dev", dev, "--test", dev, *common) == 2
     assert "the same file" in capsys.readouterr().err
@@ -420,27 +421,33 @@ def test_sweep_refuses_to_tune_on_test(tiny, tmp_path, capsys):
 
 
 def test_sweep_grid_and_choice_rule():
-    grid = sweep.parse_grid("oeb_strength=0.25,1;smi_gamma=0.02;oeb_layers=0-2,0+3;smi_layers=none,5")
-    assert grid == {"oeb_strength": [0.25, 1.0], "smi_gamma": [0.02], "oeb_layers": [(0, 1, 2), (0, 3)],
-                    "smi_layers": [(), (5,)]}
-    for bad in ("", "lam=0.5", "oeb_strength=x", "oeb_layers=2-1", "oeb_strength", "smi_gamma=0.1;smi_gamma=0.2"):
+    grid = sweep.parse_grid("oeb_tau_max=0.1,0.3;smi_alpha=0.06;oeb_layers=0-2,0+3;smi_layers=none,5;"
+                            "oeb_rule=bridge,odds;smi_window=2")
+    assert grid == {"oeb_tau_max": [0.1, 0.3], "smi_alpha": [0.06], "oeb_layers": [(0, 1, 2), (0, 3)],
+                    "smi_layers": [(), (5,)], "oeb_rule": ["bridge", "odds"], "smi_window": [2]}
+    for bad in ("", "lam=0.5", "oeb_tau_max=x", "oeb_layers=2-1", "oeb_strength", "smi_alpha=0.1;smi_alpha=0.2",
+                "oeb_rule=pasta", "smi_window=1.5"):
         with pytest.raises(ValueError):
             sweep.parse_grid(bad)
     config = sf.StepFlowConfig
 
-    def cand(i, strength, layers, gamma=0.05, smi=(3,)):
-        return sweep.Candidate(f"c{i}", i, {}, config(oeb_layers=layers, oeb_strength=strength, smi_layers=smi,
-                                                      smi_gamma=gamma))
+    def cand(i, tau, layers, alpha=0.06, smi=(3,), **kw):
+        return sweep.Candidate(f"c{i}", i, {}, config(oeb_layers=layers, oeb_tau_max=tau, smi_layers=smi,
+                                                      smi_alpha=alpha, **kw))
 
     def summ(p):
         return {"accuracy": {"pass@1": p, "ci95": [p, p]}}
 
-    results = [(cand(0, 1.0, (0, 1)), summ(0.5)), (cand(1, 0.5, (0, 1)), summ(0.6)), (cand(2, 0.25, (0,)), summ(0.6))]
+    results = [(cand(0, 0.3, (0, 1)), summ(0.5)), (cand(1, 0.15, (0, 1)), summ(0.6)), (cand(2, 0.2, (0,)), summ(0.6))]
     chosen = sweep.choose(results, summ(0.4))
     assert chosen["name"] == "c2" and chosen["tied"] == ["c1", "c2"] and chosen["dev_baseline_pass@1"] == 0.4
-    results = [(cand(0, 0.5, (0,), gamma=0.1), summ(0.6)), (cand(1, 0.5, (0,), gamma=0.05), summ(0.6))]
+    results = [(cand(0, 0.15, (0,), alpha=0.1), summ(0.6)), (cand(1, 0.15, (0,), alpha=0.05), summ(0.6))]
     assert sweep.choose(results)["name"] == "c1"
-    assert sweep.choose([(cand(0, 1.0, (0,)), summ(0.7)), (cand(1, 0.0, (0,)), summ(0.6))])["name"] == "c0"
+    assert sweep.choose([(cand(0, 1.0, (0,)), summ(0.7)), (cand(1, 0.01, (0,)), summ(0.6))])["name"] == "c0"
+    # the earlier rules are sized by their own strengths (λ, γ)
+    odds = [(cand(0, 0.15, (0,), oeb_rule="odds", oeb_strength=1.0), summ(0.6)),
+            (cand(1, 0.15, (0,), oeb_rule="odds", oeb_strength=0.25), summ(0.6))]
+    assert sweep.choose(odds)["name"] == "c1"
     with pytest.raises(ValueError):
         sweep.choose([(cand(0, 1.0, (0,)), None)])
 
