@@ -368,7 +368,9 @@ def cmd_analyze(args) -> int:
                "stepflow": cfg.to_dict() if cfg else None, "thresholds": _thresholds(args),
                "analyzed": len(done), "failed": [str(e) for e in errors],
                "per_trace": [{"name": t.name, "source": t.source, "file": f"traces/{t.name}.safetensors",
-                              **{k: v for k, v in rep.items() if k != "thresholds"}} for t, _, rep in done]}
+                              # (the layer-averaged block map, S x S, stays out: res.diagnose() of the file has it)
+                              **{k: v for k, v in rep.items() if k not in ("thresholds", "block_map_layer_mean")}}
+                             for t, _, rep in done]}
     agg = None
     if done:
         agg = aggregate([(res.kinds[0], res.maps[0], rep) for _, res, rep in done], bins=args.bins,

@@ -70,7 +70,7 @@ class StepSaliencyResult:
             counts = self.counts[:, None].to(self.maps.dtype)
             return torch.where(counts > 0, self.maps / counts.clamp_min(1), torch.zeros_like(self.maps))
         if how == "block":
-            sizes = self.sizes.to(torch.float64)
+            sizes = self.sizes.to(self.maps.device, torch.float64)
             blocks = (sizes[:, :, None] * sizes[:, None, :])[:, None]
             out = torch.where(blocks > 0, self.maps.to(torch.float64) / blocks.clamp_min(1), torch.zeros_like(blocks))
             return out.to(self.maps.dtype)
@@ -302,6 +302,10 @@ def step_saliency(model, input_ids, segmentation: Segmentation, target=None, hea
     (in OEB layers the saliency of the rebalanced attention A'), with `segmentation` driving it.
     The model's weights, their requires_grad flags, its train/eval mode and attention
     implementation are restored on return, also on error.
+
+    Returns a StepSaliencyResult; its meta records target, loss_reduction, head_reduction, preset,
+    loss (the objective that was differentiated: the sum over the rows of each row's sum or mean),
+    num_targets and num_targets_per_row, model_type and the StepFlow config (None without).
     """
     hf.check_model(model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:

@@ -74,7 +74,8 @@ def test_analyze_preset_paper(tiny, traces, tmp_path, capsys):
         again = res.diagnose()[0]
         for name in ("final_block_intensity", "analysis_block_intensity", "final_heat_anomaly"):
             assert t[name] == pytest.approx(again[name], rel=1e-6) and len(t[name]) == 4
-        assert np.asarray(t["block_map_layer_mean"]).shape == (len(res.kinds[0]),) * 2
+        assert "block_map_layer_mean" not in t and np.asarray(again["block_map_layer_mean"]).shape == (
+            len(res.kinds[0]),) * 2
         assert t["final_heat_anomaly_mean"] > 0
     agg = _strict_json(out / "aggregate.safetensors.json")
     fb = np.array([t["final_block_intensity"] for t in diag["per_trace"]])
