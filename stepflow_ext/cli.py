@@ -274,6 +274,7 @@ def _saliency(model, tok, trace, args, rule, model_name, warn=True):
     ids = torch.tensor([trace.input_ids], device=device)
     try:
         res = sf.step_saliency(model, ids, seg, target=args.target, head_reduction=args.head_reduction,
+                               loss_reduction=args.loss_reduction, preset=args.preset,
                                gradient_checkpointing=args.gradient_checkpointing, chunk_tokens=args.chunk_tokens)
     except Exception as e:  # noqa: BLE001 - report the trace, go on with the others
         if device.type == "cuda":
@@ -351,9 +352,10 @@ def cmd_analyze(args) -> int:
 
     from . import plot
     from .diagnostics import verdict_text
-    from .report import Report, aggregate, fmt, flag, save_aggregate
+    from .report import Report, aggregate, fmt, flag, fmt_sci, save_aggregate
 
     _check_analysis_args(args)
+    _saliency_options(args)
     tok, model = load_model(args)
     traces, errors = _load_traces(args, tok, model)
     cfg = load_config(args.stepflow, model) if args.stepflow else None
@@ -382,10 +384,13 @@ def cmd_analyze(args) -> int:
     errors.sort(key=lambda e: e.line)
     rows = [_diag_row(trace.name, res, rep) for trace, res, rep in done]
     summary = {"command": "analyze", "model": args.model, "traces": args.traces, "target": args.target,
+               "saliency": _saliency_settings(args),
                "stepflow": cfg.to_dict() if cfg else None, "thresholds": _thresholds(args),
                "analyzed": len(done), "failed": [str(e) for e in errors],
                "per_trace": [{"name": t.name, "source": t.source, "file": f"traces/{t.name}.safetensors",
-                              **{k: v for k, v in rep.items() if k != "thresholds"}} for t, _, rep in done]}
+                              # (the layer-averaged block map, S x S, stays out: res.diagnose() of the file has it)
+                              **{k: v for k, v in rep.items() if k not in ("thresholds", "block_map_layer_mean")}}
+                             for t, _, rep in done]}
     agg = None
     if done:
         agg = aggregate([(res.kinds[0], res.maps[0], rep) for _, res, rep in done], bins=args.bins,
@@ -393,26 +398,30 @@ def cmd_analyze(args) -> int:
         save_aggregate(os.path.join(out, "aggregate.safetensors"), agg,
                        {"model": args.model, "traces": args.traces, "target": args.target,
                         "names": [t.name for t, _, _ in done]})
-        summary["aggregate"] = {k: agg[k] for k in ("n", "labels", "curves", "flags", "verdict")}
+        summary["aggregate"] = {k: agg[k] for k in ("n", "labels", "curves", "flags", "verdict", "paper_curves",
+                                                    "paper_means")}
         rows.append(_aggregate_row(agg))
     write_json(os.path.join(out, "diagnostics.json"), summary)
 
     header = ["trace", "tokens", "steps", "LI shallow", "LI middle", "Shallow Lock-in", "TS deep", "TS peak",
-              "Deep Decay"]
+              "Deep Decay", "FB", "AB", "FB/AB"]
     if rows:
-        _print_table(f"Step-Saliency diagnostics ({args.target} target{', under StepFlow' if cfg else ''})",
-                     header, rows)
+        _print_table(f"Step-Saliency diagnostics ({_saliency_words(args)}{', under StepFlow' if cfg else ''}; "
+                     "FB, AB, FB/AB: the paper's block intensities, mean over layers)", header, rows)
 
     if done and not args.no_plots:
         _err("drawing pictures ...")
         report = Report("Step-Saliency report")
-        report.text(f"model {args.model} · traces {args.traces} · target {args.target} · "
+        report.text(f"model {args.model} · traces {args.traces} · {_saliency_words(args)} · "
                     f"{len(done)} analyzed, {len(errors)} failed"
                     + (f" · under StepFlow {json.dumps(cfg.to_dict())}" if cfg else ""))
         report.text("Rows of each heatmap are the segment whose saliency is shared out (Q question, S1..Sk "
                     "thinking steps, A summary), columns the segment it draws from; colours are the share of "
                     "the row's saliency on a log scale (grey: undefined or the empty future). See docs/method.md, "
                     "'Reading the pictures'.")
+        report.text(PAPER_NOTE + ("" if args.preset == "paper" else " These maps were not made with --preset paper, "
+                                  "so FB and AB are block intensities of this run's loss and head reduction, not "
+                                  "the paper's numbers."))
         report.heading("Diagnostics")
         report.table(header, rows)
         if len(done) > 1:
@@ -431,6 +440,15 @@ def cmd_analyze(args) -> int:
                                     title=f"Diagnostics over layers, mean and 95% band over {len(done)} traces",
                                     verdict_lines=[lock, decay], thresholds=_thresholds(args))
             report.image(path, "aggregate diagnostic curves")
+            m = agg["paper_means"]
+            path = plot.plot_paper(os.path.join(out, "aggregate_paper.png"),
+                                   [{"label": f"mean of {len(done)} traces", "curves": agg["paper_curves"]}],
+                                   title=f"The paper's block intensities over layers, mean and 95% band over "
+                                         f"{len(done)} traces ({_saliency_words(args)})",
+                                   text=f"means over layers and traces: FB {fmt_sci(m['final_block_intensity'])} · "
+                                        f"AB {fmt_sci(m['analysis_block_intensity'])} · "
+                                        f"FB/AB {fmt(m['final_heat_anomaly'])}")
+            report.image(path, "aggregate FB, AB and FB/AB per layer (the paper's numbers)")
         limit = len(done) if args.plots < 0 else args.plots
         for trace, res, rep in tqdm(done[:limit], unit="trace", desc="pictures", file=sys.stderr,
                                     disable=min(limit, len(done)) < 2):
@@ -444,6 +462,11 @@ def cmd_analyze(args) -> int:
                                     [{"label": trace.name, "curves": rep}], title=trace.name,
                                     verdict_lines=verdict_text(rep), thresholds=rep["thresholds"])
             report.image(path, f"{trace.name}: diagnostic curves")
+            path = plot.plot_paper(os.path.join(trace_dir, trace.name + "_paper.png"), [{"label": trace.name,
+                                   "curves": rep}], [np.asarray(rep["block_map_layer_mean"])], labels,
+                                   ["mean over layers"], title=f"{trace.name}: the paper's view ({_saliency_words(args)})",
+                                   text=plot.paper_text(rep))
+            report.image(path, f"{trace.name}: layer-averaged step matrix (block view) and FB, AB, FB/AB per layer")
         if len(done) > limit:
             report.text(f"Pictures of the other {len(done) - limit} traces were not drawn (--plots {args.plots}); "
                         "their maps are in traces/.")
@@ -451,22 +474,35 @@ def cmd_analyze(args) -> int:
     return _end_of_run(out, done, errors)
 
 
+PAPER_KEYS = ("final_block_intensity", "analysis_block_intensity", "final_heat_anomaly",
+              "final_block_intensity_mean", "analysis_block_intensity_mean", "final_heat_anomaly_mean")
+
+
+PAPER_NOTE = ("FB and AB are the paper's final-block and analysis-block intensities: the mean of the summary x "
+              "summary and of the thinking-steps x thinking-steps sub-blocks of the block view M[a,c] / (|a| |c|), "
+              "per layer; FB/AB is their ratio (0 where AB <= 1e-10, as the authors' code does). The tables give "
+              "their means over layers; the *_paper.png pictures show them per layer with the layer-averaged map.")
+
+
 def _diag_row(name, res, rep):
-    from .report import flag, fmt
+    from .report import flag, fmt, fmt_sci
 
     kinds = res.kinds[0]
     return [name, res.meta.get("num_tokens", ""), kinds.count("step"), fmt(rep["lock_in_shallow"]),
             fmt(rep["lock_in_middle"]), flag(rep["shallow_lock_in"]), fmt(rep["thinking_share_deep"]),
-            fmt(rep["thinking_share_peak"]), flag(rep["deep_decay"])]
+            fmt(rep["thinking_share_peak"]), flag(rep["deep_decay"]), fmt_sci(rep["final_block_intensity_mean"]),
+            fmt_sci(rep["analysis_block_intensity_mean"]), fmt(rep["final_heat_anomaly_mean"])]
 
 
 def _aggregate_row(agg):
-    from .report import fmt
+    from .report import fmt, fmt_sci
 
-    v, f, n = agg["verdict"], agg["flags"], agg["n"]
+    v, f, n, m = agg["verdict"], agg["flags"], agg["n"], agg["paper_means"]
     return [f"mean of {n}", "", "", fmt(v["lock_in_shallow"]), fmt(v["lock_in_middle"]),
             f"{f['shallow_lock_in']['yes']}/{n} flagged", fmt(v["thinking_share_deep"]),
-            fmt(v["thinking_share_peak"]), f"{f['deep_decay']['yes']}/{n} flagged"]
+            fmt(v["thinking_share_peak"]), f"{f['deep_decay']['yes']}/{n} flagged",
+            fmt_sci(m["final_block_intensity"]), fmt_sci(m["analysis_block_intensity"]),
+            fmt(m["final_heat_anomaly"])]
 
 
 # --------------------------------------------------------------------------- compare
@@ -510,9 +546,10 @@ def cmd_compare(args) -> int:
 
     from . import hf, plot
     from .diagnostics import layer_windows, verdict_text
-    from .report import Report, aggregate, flag, fmt, save_aggregate
+    from .report import Report, aggregate, flag, fmt, fmt_sci, save_aggregate
 
     _check_analysis_args(args)
+    _saliency_options(args)
     tok, model = load_model(args)
     traces, errors = _load_traces(args, tok, model)
     cfg = load_config(args.stepflow, model)
@@ -559,19 +596,25 @@ def cmd_compare(args) -> int:
                "thinking_share_deep_after": _window_mean(da["summary_thinking_share"], deep),
                "shallow_lock_in": [db["shallow_lock_in"], da["shallow_lock_in"]],
                "deep_decay": [db["deep_decay"], da["deep_decay"]],
-               "before": {k: db[k] for k in ("lock_in_index", "summary_thinking_share", "summary_recent_share")},
-               "after": {k: da[k] for k in ("lock_in_index", "summary_thinking_share", "summary_recent_share")}}
+               "fb_ab_before": db["final_heat_anomaly_mean"], "fb_ab_after": da["final_heat_anomaly_mean"],
+               "before": {k: db[k] for k in ("lock_in_index", "summary_thinking_share", "summary_recent_share")
+                          + PAPER_KEYS},
+               "after": {k: da[k] for k in ("lock_in_index", "summary_thinking_share", "summary_recent_share")
+                         + PAPER_KEYS}}
         per_trace.append(row)
         table.append([t.name, fmt(row["lock_in_shallow_before"]), fmt(row["lock_in_shallow_after"]),
                       _signed(row["lock_in_shallow_after"] - row["lock_in_shallow_before"]),
                       fmt(row["thinking_share_deep_before"]), fmt(row["thinking_share_deep_after"]),
                       _signed(row["thinking_share_deep_after"] - row["thinking_share_deep_before"]),
                       f"{flag(db['shallow_lock_in'])} → {flag(da['shallow_lock_in'])}",
-                      f"{flag(db['deep_decay'])} → {flag(da['deep_decay'])}"])
+                      f"{flag(db['deep_decay'])} → {flag(da['deep_decay'])}", fmt(row["fb_ab_before"]),
+                      fmt(row["fb_ab_after"])])
     oeb = _effect([r["lock_in_shallow_before"] for r in per_trace], [r["lock_in_shallow_after"] for r in per_trace],
                   lower_is_better=True)
     smi = _effect([r["thinking_share_deep_before"] for r in per_trace],
                   [r["thinking_share_deep_after"] for r in per_trace], lower_is_better=False)
+    fbab = _effect([r["fb_ab_before"] for r in per_trace], [r["fb_ab_after"] for r in per_trace],
+                   lower_is_better=True)
     where_shallow = f"OEB layers {_span(shallow)}" if cfg.oeb_layers else f"first third {_span(shallow)} (no OEB layers)"
     where_deep = f"SMI layers {_span(deep)}" if cfg.smi_layers else f"last third {_span(deep)} (no SMI layers)"
     lines = [
@@ -581,18 +624,25 @@ def cmd_compare(args) -> int:
         f"SMI: summary thinking share over the {where_deep}: {fmt(smi['before'])} -> {fmt(smi['after'])} (change "
         f"{_signed(smi['change'])}{_ci(smi)}; higher in {smi['improved']}/{smi['n']} traces): "
         f"{smi['verdict'] if cfg.smi_layers else 'no SMI layers in the config'}",
+        f"paper: FB/AB (the paper's final/analysis block intensity ratio), mean over all layers: {fmt(fbab['before'])} "
+        f"-> {fmt(fbab['after'])} (change {_signed(fbab['change'])}{_ci(fbab)}; lower in {fbab['improved']}/"
+        f"{fbab['n']} traces)",
     ]
     if done:
         header = ["trace", "LI before", "LI after", "ΔLI", "TS before", "TS after", "ΔTS", "Shallow Lock-in",
-                  "Deep Decay"]
+                  "Deep Decay", "FB/AB before", "FB/AB after"]
         table.append([f"mean of {len(done)}", fmt(oeb["before"]), fmt(oeb["after"]), _signed(oeb["change"]),
-                      fmt(smi["before"]), fmt(smi["after"]), _signed(smi["change"]), "", ""])
-        _print_table(f"StepFlow before → after (LI over {_span(shallow)}, TS over {_span(deep)})", header, table)
+                      fmt(smi["before"]), fmt(smi["after"]), _signed(smi["change"]), "", "", fmt(fbab["before"]),
+                      fmt(fbab["after"])])
+        _print_table(f"StepFlow before → after (LI over {_span(shallow)}, TS over {_span(deep)}, FB/AB mean over "
+                     f"layers; {_saliency_words(args)})", header, table)
         for line in lines:
             print(line)
     summary = {"command": "compare", "model": args.model, "traces": args.traces, "target": args.target,
+               "saliency": _saliency_settings(args),
                "stepflow": cfg.to_dict(), "thresholds": _thresholds(args), "shallow_layers": shallow,
-               "deep_layers": deep, "oeb_lock_in": oeb, "smi_thinking_share": smi, "compared": len(done),
+               "deep_layers": deep, "oeb_lock_in": oeb, "smi_thinking_share": smi, "paper_fb_ab": fbab,
+               "compared": len(done),
                "failed": [str(e) for e in errors], "per_trace": per_trace}
 
     if done:
@@ -604,14 +654,16 @@ def cmd_compare(args) -> int:
                                     decay_drop=args.decay_drop)
             save_aggregate(os.path.join(out, f"aggregate_{phase}.safetensors"), aggs[phase],
                            {"model": args.model, "traces": args.traces, "phase": phase})
-        summary["aggregate"] = {p: {k: a[k] for k in ("n", "curves", "flags", "verdict")} for p, a in aggs.items()}
+        summary["aggregate"] = {p: {k: a[k] for k in ("n", "curves", "flags", "verdict", "paper_curves", "paper_means")}
+                                for p, a in aggs.items()}
     write_json(os.path.join(out, "comparison.json"), summary)
 
     if done and not args.no_plots:
         _err("drawing pictures ...")
         report = Report("StepFlow comparison: Step-Saliency before and after")
-        report.text(f"model {args.model} · traces {args.traces} · target {args.target} · {len(done)} compared, "
+        report.text(f"model {args.model} · traces {args.traces} · {_saliency_words(args)} · {len(done)} compared, "
                     f"{len(errors)} failed · StepFlow {json.dumps(cfg.to_dict())}")
+        report.text(PAPER_NOTE)
         report.heading("Did StepFlow repair the step flow?")
         report.pre("\n".join(lines))
         report.table(header, table)
@@ -622,11 +674,15 @@ def cmd_compare(args) -> int:
             labels = plot.segment_labels(before.kinds[0])
             what = f"{t.name}"
             curves_b, curves_a = results["before"][t.line][1], results["after"][t.line][1]
+            paper_b, paper_a = curves_b, curves_a
+            block_maps = [np.asarray(curves_b["block_map_layer_mean"]), np.asarray(curves_a["block_map_layer_mean"])]
         else:
             maps_b, maps_a = aggs["before"]["shares"], aggs["after"]["shares"]
             labels = aggs["before"]["labels"]
             what = f"mean of {len(done)} traces (steps resampled to {args.bins} relative-position bins)"
             curves_b, curves_a = aggs["before"]["curves"], aggs["after"]["curves"]
+            paper_b, paper_a = aggs["before"]["paper_curves"], aggs["after"]["paper_curves"]
+            block_maps = None
         report.heading(f"Maps and curves: {what}")
         notes = {layer: "OEB" for layer in cfg.oeb_layers}
         for layer in cfg.smi_layers:
@@ -643,6 +699,17 @@ def cmd_compare(args) -> int:
                                 highlight={"lock_in_index": (cfg.oeb_layers, "OEB layers"),
                                            "summary_thinking_share": (cfg.smi_layers, "SMI layers")})
         report.image(path, "diagnostic curves before (dashed) and after (solid); windows of the verdicts shaded")
+        stepflow_layers = (sorted(set(cfg.oeb_layers) | set(cfg.smi_layers)), "StepFlow layers")
+        path = plot.plot_paper(os.path.join(out, "paper.png"),
+                               [{"label": "before", "curves": paper_b, "style": "dashed", "colour": "#555555"},
+                                {"label": "after StepFlow", "curves": paper_a, "colour": "#c0392b"}],
+                               block_maps, labels if block_maps else None, ["before", "after StepFlow"],
+                               title="The paper's view before and after StepFlow: "
+                                     + (what if block_maps else f"mean and 95% band over {len(done)} traces"),
+                               text=lines[2],
+                               highlight=stepflow_layers)
+        report.image(path, "the paper's FB, AB and FB/AB per layer before (dashed) and after (solid)"
+                     + ("; left: the layer-averaged step matrices (block view), one colour scale" if block_maps else ""))
         norm = plot.share_norm([maps_b, maps_a])
         for phase, maps in (("before", maps_b), ("after", maps_a)):
             path = plot.plot_heatmaps(os.path.join(out, f"heatmaps_{phase}.png"), maps, labels, norm=norm,
@@ -672,6 +739,18 @@ def cmd_compare(args) -> int:
                                         highlight={"lock_in_index": (cfg.oeb_layers, "OEB layers"),
                                                    "summary_thinking_share": (cfg.smi_layers, "SMI layers")})
                 report.image(path, f"{t.name}: curves before and after")
+                path = plot.plot_paper(os.path.join(out, f"{t.name}_paper.png"),
+                                       [{"label": "before", "curves": before[1], "style": "dashed",
+                                         "colour": "#555555"},
+                                        {"label": "after StepFlow", "curves": after[1], "colour": "#c0392b"}],
+                                       [np.asarray(before[1]["block_map_layer_mean"]),
+                                        np.asarray(after[1]["block_map_layer_mean"])],
+                                       plot.segment_labels(before[0].kinds[0]), ["before", "after StepFlow"],
+                                       title=f"{t.name}: the paper's view before and after StepFlow",
+                                       text=f"FB/AB mean over layers: {fmt(before[1]['final_heat_anomaly_mean'])} "
+                                            f"-> {fmt(after[1]['final_heat_anomaly_mean'])}",
+                                       highlight=stepflow_layers)
+                report.image(path, f"{t.name}: the paper's view before and after")
         _write_report(report, out, errors)
     return _end_of_run(out, done, errors, " compared")
 
@@ -822,10 +901,25 @@ def _common(p, model_required=True):
 def _analysis_options(p):
     p.add_argument("--traces", required=True, metavar="FILE", help="JSONL traces (formats below)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
-    p.add_argument("--target", default="summary", choices=("summary", "thinking", "generated"),
-                   help="tokens whose log-likelihood is the loss of the saliency (default: summary)")
-    p.add_argument("--head-reduction", default="sum_abs", choices=("sum_abs", "abs_sum"),
-                   help="|sum over heads| (default) or sum of |per head|")
+    g = p.add_argument_group("saliency (docs/method.md section 2)")
+    g.add_argument("--preset", default=None, choices=("paper",),
+                   help="paper: the paper's Step-Saliency, i.e. --target all --loss-reduction mean --head-reduction "
+                        "abs_mean (the authors' extract_saliency, rule 'ag', mode 'loss'); its step matrices are the "
+                        "block view, which the report's FB / AB panels read. Options that contradict it are an "
+                        "error. It does not change the segmentation: the paper splits the thinking into sentences "
+                        "and the summary at blank lines (see the segmentation options)")
+    g.add_argument("--target", default=None, choices=("summary", "thinking", "generated", "all"),
+                   help="the tokens whose negative log-likelihood is the loss that the saliency explains: summary "
+                        "(default), thinking, generated (thinking + summary) or all (every token after the first, "
+                        "the paper's)")
+    g.add_argument("--loss-reduction", default=None, choices=("sum", "mean"),
+                   help="sum (default) or mean of that loss over the trace's target tokens (the paper's); the "
+                        "mean divides every map of a trace by its number of targets, so row shares (LI, TS, RS) "
+                        "do not change, the block values (FB, AB) do")
+    g.add_argument("--head-reduction", default=None, choices=("sum_abs", "abs_sum", "abs_mean"),
+                   help="how the heads of a layer combine: sum_abs |sum_h A dL/dA| (default, signed contributions "
+                        "of the heads can cancel), abs_sum sum_h |A dL/dA|, or abs_mean the mean over heads of "
+                        "|A dL/dA| (the paper's)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in the backward pass (long traces, less memory)")
     p.add_argument("--chunk-tokens", type=int, default=1024, metavar="N",
@@ -842,6 +936,31 @@ def _analysis_options(p):
                    help="Deep Decay: TS(last third) below (1 - this) x peak TS (default 0.25)")
     d.add_argument("--recent-window", type=int, default=2, metavar="W",
                    help="steps counted as recent in RS (default 2)")
+
+
+def _saliency_options(args) -> None:
+    """analyze/compare: resolve --preset, --target, --loss-reduction, --head-reduction in place."""
+    from .saliency import PRESETS, resolve_options
+
+    for name, value in PRESETS.get(args.preset, {}).items():
+        mine = getattr(args, name)
+        if mine is not None and mine != value:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {mine} contradicts --preset {args.preset}, which sets {flag} {value}")
+    chosen = resolve_options(args.target, args.loss_reduction, args.head_reduction, args.preset)
+    args.target, args.loss_reduction, args.head_reduction = (chosen["target"], chosen["loss_reduction"],
+                                                             chosen["head_reduction"])
+
+
+def _saliency_settings(args) -> dict:
+    return {"preset": args.preset, "target": args.target, "loss_reduction": args.loss_reduction,
+            "head_reduction": args.head_reduction}
+
+
+def _saliency_words(args) -> str:
+    """A short description of the saliency settings for titles and report lines."""
+    what = f"target {args.target}, loss {args.loss_reduction}, heads {args.head_reduction}"
+    return f"preset {args.preset} = {what}" if args.preset else what
 
 
 TRACE_FORMATS = """\

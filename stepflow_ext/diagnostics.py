@@ -1,12 +1,31 @@
-"""The Step-Saliency diagnostics of design.md 2.2: Shallow Lock-in and Deep Decay.
+"""The Step-Saliency diagnostics of design.md 2.2: the paper's block intensities, and this
+project's Shallow Lock-in and Deep Decay numbers.
 
-From the row-normalized maps R^l[a, c] (the share of segment a's saliency that comes from c):
+The paper's numbers (`paper_numbers`), per layer l, from the block view B^l[a, c] = M^l[a, c] /
+(|a| |c|) (StepSaliencyResult.normalized("block"), the paper's step matrix), exactly as the
+authors' compute_step_metrics computes them from their step matrices:
+- final-block intensity FB^l: the mean of the summary x summary sub-block of B^l (all summary
+  segments against all summary segments, the empty future above the diagonal included as zeros);
+  0 when the trace has no summary;
+- analysis-block intensity AB^l: the mean of the thinking-steps x thinking-steps sub-block; 0
+  when the trace has no thinking step;
+- the anomaly FB^l / AB^l ("final heat anomaly"), set to 0 where AB^l <= 1e-10 (an absolute
+  floor, as the authors do; with loss_reduction "sum" the maps are larger by the number of
+  targets, so the floor bites less);
+- the layer-averaged block map: the mean of B^l over the layers (the maps of the paper's figures).
+These read the block view of whatever loss and head reduction made the maps; they are the
+paper's numbers when the maps are (preset="paper").
+
+The project's own diagnostics, from the row-normalized maps R^l[a, c] (the share of segment a's saliency that comes from c):
 - lock-in index LI^l: mean over steps a that have an earlier step of R^l[a, a];
 - summary thinking share TS^l: sum over steps c of R^l[summary, c];
 - summary recent share RS^l: R^l[summary, summary] plus the last `recent_window` steps.
 Shallow Lock-in is flagged when mean LI over the first third of the layers exceeds the mean
 over the middle third by more than `lock_in_margin`; Deep Decay when mean TS over the last
 third is below (1 - decay_drop) times the peak TS over all layers.
+
+Several summary segments (summary steps) count as one summary here: their rows are pooled
+(saliency summed) before the shares are taken, and their columns count as the summary.
 
 A layer where a quantity is undefined (no step with an earlier step, no summary, or a row
 without saliency, e.g. the steps' rows in the last layer when the target is the summary)
@@ -16,7 +35,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 CURVES = ("lock_in_index", "summary_thinking_share", "summary_recent_share")
+PAPER_CURVES = ("final_block_intensity", "analysis_block_intensity", "final_heat_anomaly")
+ANOMALY_FLOOR = 1e-10   # the authors' compute_step_metrics: FB/AB is 0 where AB <= this
 
 
 def _thirds(n):
@@ -67,15 +90,57 @@ def verdict_text(report: dict) -> tuple[str, str]:
     return lock, decay
 
 
+def block_intensities(block, kinds) -> tuple[float, float, float]:
+    """(FB, AB, FB/AB) of one layer's block map `block` (S, S) of one trace with segment `kinds`:
+    the mean of the summary x summary and of the steps x steps sub-blocks, and their ratio (0 where
+    AB <= 1e-10), as the authors' compute_step_metrics; FB (AB) is 0 without summary (steps)."""
+    b = np.asarray(block, dtype=np.float64)
+    summary = [i for i, k in enumerate(kinds) if k == "summary"]
+    steps = [i for i, k in enumerate(kinds) if k == "step"]
+    fb = float(b[np.ix_(summary, summary)].mean()) if summary else 0.0
+    ab = float(b[np.ix_(steps, steps)].mean()) if steps else 0.0
+    return fb, ab, (fb / ab if ab > ANOMALY_FLOOR else 0.0)
+
+
+def paper_numbers(blocks, kinds) -> dict:
+    """The paper's per-layer numbers of one trace from its block maps (L, S, S) (see the module doc)."""
+    s = len(kinds)
+    b = np.asarray(blocks, dtype=np.float64)[:, :s, :s]
+    fb, ab, ratio = zip(*(block_intensities(layer, kinds) for layer in b)) if len(b) else ((), (), ())
+    return {"final_block_intensity": list(fb), "analysis_block_intensity": list(ab), "final_heat_anomaly": list(ratio),
+            "final_block_intensity_mean": _mean(list(fb)), "analysis_block_intensity_mean": _mean(list(ab)),
+            "final_heat_anomaly_mean": _mean(list(ratio)), "block_map_layer_mean": b.mean(axis=0).tolist()}
+
+
+def _pooled_summary(maps, kinds):
+    """(L, S', S') raw maps and kinds with the summary segments merged into one (rows and columns summed)."""
+    summary = [i for i, k in enumerate(kinds) if k == "summary"]
+    if len(summary) <= 1:
+        return maps, kinds
+    keep = [i for i, k in enumerate(kinds) if k != "summary"]
+    groups = [[i] for i in keep] + [summary]
+    m = np.asarray(maps, dtype=np.float64)
+    rows = np.stack([m[:, g].sum(1) for g in groups], axis=1)
+    pooled = np.stack([rows[:, :, g].sum(2) for g in groups], axis=2)
+    return pooled, [kinds[i] for i in keep] + ["summary"]
+
+
 def diagnose(result, recent_window=2, lock_in_margin=0.1, decay_drop=0.25):
-    shares = result.normalized("row")
+    """One report per trace: LI, TS, RS per layer and the flags (see the module doc), and the
+    paper's FB, AB, FB/AB per layer, their means over layers and the layer-averaged block map."""
+    blocks = result.normalized("block")
     reports = []
-    for row, kinds in enumerate(result.kinds):
+    for row, all_kinds in enumerate(result.kinds):
+        s = len(all_kinds)
+        maps, kinds = _pooled_summary(result.maps[row, :, :s, :s].double().numpy(), all_kinds)
+        total = maps.sum(-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shares = np.where(total > 0, maps / np.where(total > 0, total, 1.0), 0.0)
         steps = [i for i, k in enumerate(kinds) if k == "step"]
         summary = next((i for i, k in enumerate(kinds) if k == "summary"), None)
         li, ts, rs = [], [], []
         for layer in range(result.num_layers):
-            r = shares[row, layer]
+            r = shares[layer]
             locked = [float(r[a, a]) for a in steps[1:] if float(r[a].sum()) > 0]
             li.append(_mean(locked))
             if summary is not None and float(r[summary].sum()) > 0:
@@ -87,6 +152,7 @@ def diagnose(result, recent_window=2, lock_in_margin=0.1, decay_drop=0.25):
                 rs.append(float("nan"))
         report = {"lock_in_index": li, "summary_thinking_share": ts, "summary_recent_share": rs}
         report.update(verdicts(li, ts, lock_in_margin, decay_drop))
+        report.update(paper_numbers(blocks[row].double().numpy(), all_kinds))
         report["thresholds"] = {"lock_in_margin": lock_in_margin, "decay_drop": decay_drop,
                                 "recent_window": recent_window}
         reports.append(report)

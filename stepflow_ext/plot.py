@@ -8,7 +8,11 @@
   summary recent share) with the windows and thresholds behind the verdicts, optional 95%
   bands, and several series (e.g. before / after StepFlow).
 - `plot_side_by_side`: before | after | difference for a few chosen layers.
-- `plot_result`: heatmaps and curves of one trace in one figure (StepSaliencyResult.plot).
+- `plot_paper`: the paper's numbers: final-block intensity FB, analysis-block intensity AB and
+  FB/AB over layers (several series, e.g. before / after), and the layer-averaged block map(s)
+  (the paper's step matrix, mean over layers) as heatmaps with an absolute log colour scale.
+- `plot_result`: heatmaps, curves and the paper's panel of one trace in one figure
+  (StepSaliencyResult.plot).
 
 Layouts are computed in inches (fixed panel size, labels only on the outer panels): a grid of
 28 panels draws in about a second, where matplotlib's constrained layout takes tens of seconds.
@@ -25,7 +29,7 @@ import numpy as np  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 PANEL = 1.9          # inches per heatmap panel, whatever the number of steps
 DPI = 120
@@ -39,8 +43,10 @@ CURVES_HEIGHT = 4.1   # inches of a row of curves (axes, titles, legends below)
 
 
 def segment_labels(kinds: list[str]) -> list[str]:
-    """Q, S1..Sk, A: short labels for the question, the thinking steps and the summary."""
+    """Q, S1..Sk, A: short labels for the question, the thinking steps and the summary (A1..Am
+    when the summary is split into several segments)."""
     labels, step = [], 0
+    summaries = kinds.count("summary")
     for kind in kinds:
         if kind == "question":
             labels.append("Q")
@@ -48,15 +54,24 @@ def segment_labels(kinds: list[str]) -> list[str]:
             step += 1
             labels.append(f"S{step}")
         else:
-            labels.append("A")
+            labels.append("A" if summaries == 1 else f"A{sum(1 for x in labels if x.startswith('A')) + 1}")
     return labels
+
+
+def _is_end(label: str) -> bool:
+    """The question or a summary segment (labels Q, A, A1, A2, ...), as opposed to a step or a bin."""
+    return label == "Q" or label == "A" or (label[:1] == "A" and label[1:].isdigit())
+
+
+def _is_summary(label: str) -> bool:
+    return label != "Q" and _is_end(label)
 
 
 def pick_ticks(labels: list[str], max_ticks: int = 12) -> list[int]:
     """Indices to label: the ends (Q, A) always, the middle at a round stride (1, 2, 5, 10, ...)
     so that at most `max_ticks` labels show; middle labels too close to an end are dropped."""
     s = len(labels)
-    ends = sorted({i for i in (0, s - 1) if labels[i] in ("Q", "A")})
+    ends = sorted({i for i in (0, s - 1) if _is_end(labels[i])})
     middle = [i for i in range(s) if i not in ends]
     if not middle:
         return ends
@@ -79,6 +94,26 @@ def _nice(x: float, up: bool) -> float:
     """The next value of the 1-2-5 sequence above (up) or below x."""
     steps = [m * 10.0 ** e for e in range(-7, 1) for m in (1, 2, 5)]
     return min((v for v in steps if v >= x), default=1.0) if up else max((v for v in steps if v <= x), default=1e-7)
+
+
+def _nice_any(x: float, up: bool) -> float:
+    """The next value of the 1-2-5 sequence above (up) or below x, any magnitude (x > 0)."""
+    e = math.floor(math.log10(x))
+    steps = [m * 10.0 ** k for k in (e - 1, e, e + 1) for m in (1, 2, 5)]
+    return min(v for v in steps if v >= x * (1 - 1e-12)) if up else max(v for v in steps if v <= x * (1 + 1e-12))
+
+
+def block_norm(arrays) -> LogNorm:
+    """Log scale for block maps (absolute saliency, any magnitude): from the 2nd percentile of the
+    positive values to their maximum, widened to the 1-2-5 sequence and to at least one decade."""
+    values = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+    positive = values[np.isfinite(values) & (values > 0)]
+    if not positive.size:
+        return LogNorm(vmin=1e-9, vmax=1e-8)
+    low, high = float(np.percentile(positive, 2)), float(positive.max())
+    vmax = _nice_any(high, up=True)
+    vmin = min(_nice_any(low, up=False), vmax / 10)
+    return LogNorm(vmin=vmin, vmax=vmax)
 
 
 def share_norm(arrays) -> LogNorm:
@@ -111,6 +146,13 @@ def _percent(x, _pos=None) -> str:
     return f"{p:g}%" if abs(p) >= 1 else f"{p:.2g}%"
 
 
+def _sci(x, _pos=None) -> str:
+    """Small absolute values: 2e-05, 1.5e-06."""
+    if x == 0:
+        return "0"
+    return f"{x:.1g}" if f"{x:.1g}" == f"{x:.2g}" else f"{x:.2g}"
+
+
 def _points(x, _pos=None) -> str:
     """Differences of shares in percentage points."""
     p = 100 * x
@@ -138,7 +180,7 @@ def _cmap(diff: bool):
     return cmap.with_extremes(bad=MASK_COLOUR, under=cmap(0.0), over=cmap(1.0))
 
 
-def _colorbar(fig, image, rect, diff: bool, label=None, horizontal=False, values=None):
+def _colorbar(fig, image, rect, diff: bool, label=None, horizontal=False, values=None, absolute=False):
     cax = fig.add_axes(rect)
     # arrows where values run past the ends of the scale
     values = np.ma.compressed(image.get_array()) if values is None else np.asarray(values, float).ravel()
@@ -152,6 +194,12 @@ def _colorbar(fig, image, rect, diff: bool, label=None, horizontal=False, values
         top = norm.vmax
         cbar.set_ticks([-top, -top / 2, 0.0, top / 2, top])
         cbar.formatter = FuncFormatter(_points)
+    elif absolute:
+        decades = math.log10(norm.vmax / norm.vmin)
+        cbar.locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,))
+        cbar.formatter = FuncFormatter(_sci)
+        cbar.ax.yaxis.set_minor_formatter(NullFormatter())
+        cbar.ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         decades = math.log10(norm.vmax / norm.vmin)
         cbar.locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,))
@@ -166,16 +214,18 @@ def _colorbar(fig, image, rect, diff: bool, label=None, horizontal=False, values
 def _boundaries(labels):
     """Positions between Q and the steps and between the steps and A."""
     return [i + 0.5 for i in range(len(labels) - 1)
-            if (labels[i] == "Q") != (labels[i + 1] == "Q") or (labels[i] == "A") != (labels[i + 1] == "A")]
+            if (labels[i] == "Q") != (labels[i + 1] == "Q") or _is_summary(labels[i]) != _is_summary(labels[i + 1])]
 
 
 def cell_edges(labels) -> np.ndarray:
     """Cell edges in [0, 1] along a map's axis. With many steps the question and the summary get
     wider cells (1/8 of the step count each) so that the A row and the Q column stay visible;
     the steps share the rest equally. A cell's width is not its size in tokens."""
-    steps = sum(1 for x in labels if x not in ("Q", "A"))
+    steps = sum(1 for x in labels if not _is_end(x))
+    summaries = sum(1 for x in labels if _is_summary(x))
     big = max(1, round(steps / 8))
-    widths = np.array([big if x in ("Q", "A") else 1 for x in labels], dtype=np.float64)
+    widths = np.array([big if x == "Q" else max(1.0, big / max(summaries, 1)) if _is_summary(x) else 1
+                       for x in labels], dtype=np.float64)
     return np.concatenate([[0.0], np.cumsum(widths)]) / widths.sum()
 
 
@@ -443,6 +493,162 @@ def plot_side_by_side(path, before, after, labels, layers, title=None, layer_not
     return canvas.save(path)
 
 
+PAPER_NAMES = {
+    "final_block_intensity": "final-block intensity FB\n(summary × summary, block mean)",
+    "analysis_block_intensity": "analysis-block intensity AB\n(steps × steps, block mean)",
+    "final_heat_anomaly": "FB / AB\n(0 where AB ≤ 1e-10)",
+}
+PAPER_CURVE_KEYS = tuple(PAPER_NAMES)
+
+
+def _band(value):
+    """(mean, low, high) of a curve given as a list or as {"mean", "low", "high"} (no clipping)."""
+    if isinstance(value, dict):
+        return tuple(np.asarray(value[k], dtype=float) for k in ("mean", "low", "high"))
+    return np.asarray(value, dtype=float), None, None
+
+
+def _scale_axis(ax, arrays, ratio=False):
+    """Log y when the positive values span more than a decade (zeros are then not drawn), else
+    linear from 0 with scientific tick labels."""
+    values = np.concatenate([np.asarray(a, float).ravel() for a in arrays if a is not None])
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    if not ratio and positive.size and positive.max() / positive.min() > 10:
+        ax.set_yscale("log")
+        return True
+    top = float(finite.max()) if finite.size else 1.0
+    ax.set_ylim(0, max(top * 1.15, 1.2 if ratio else 1e-30))
+    if not ratio:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.yaxis.set_major_formatter(FuncFormatter(_sci))
+    return False
+
+
+def _draw_paper_curves(canvas, left, top, width, height, series, highlight=None):
+    """FB, AB and FB/AB over layers in three panels side by side inside the box (left, top, width,
+    height), legends below."""
+    n = len(_band(series[0]["curves"]["final_block_intensity"])[0])
+    xs = np.arange(n)
+    gap = 0.6
+    ax_w, ax_h = (width - 0.85 - 2 * gap) / 3, height - 1.35
+    for k, name in enumerate(PAPER_CURVE_KEYS):
+        x0 = left + 0.7 + k * (ax_w + gap)
+        y0 = top + 0.45
+        ax = canvas.axes(x0, y0, ax_w, ax_h)
+        if highlight and len(highlight[0]):
+            for i, layer in enumerate(sorted(highlight[0])):
+                ax.axvspan(layer - 0.5, layer + 0.5, color="#ffe2b8", lw=0, label=highlight[1] if i == 0 else None)
+        arrays = []
+        for j, s in enumerate(series):
+            mean, low, high = _band(s["curves"][name])
+            colour = s.get("colour", f"C{j}")
+            style = "--" if s.get("style") == "dashed" else "-"
+            ax.plot(xs, mean, style, color=colour, marker="o", ms=2.5, lw=1.4, label=s["label"])
+            arrays.append(mean)
+            if low is not None and np.isfinite(low).any() and not np.allclose(low, high, equal_nan=True):
+                low = np.clip(low, 0, None)   # intensities and their ratio are >= 0
+                ax.fill_between(xs, low, high, color=colour, alpha=0.2, lw=0, label=f"{s['label']}: 95% band")
+                arrays += [low, high]
+        ratio = name == "final_heat_anomaly"
+        log = _scale_axis(ax, arrays, ratio=ratio)
+        if ratio:
+            one = ax.axhline(1.0, color="#888", ls=":", lw=1.1, label="FB = AB")
+        if not any(np.nanmax(np.abs(a)) > 0 for a in arrays if np.isfinite(a).any()):
+            what = {"final_block_intensity": "no summary segment: FB = 0",
+                    "analysis_block_intensity": "no thinking step: AB = 0",
+                    "final_heat_anomaly": "AB ≤ 1e-10: FB/AB = 0"}[name]
+            ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center", fontsize=8, color="#777")
+        ax.set_title(PAPER_NAMES[name] + (" · log scale" if log else ""), fontsize=8.5, pad=3)
+        ax.set_xlim(-0.5, n - 0.5)
+        ax.set_xlabel("layer", fontsize=8, labelpad=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.25, which="both" if log else "major")
+        handles, labels = ax.get_legend_handles_labels()
+        if len(series) == 1 and not highlight:   # one series needs no legend but the FB = AB line
+            if ratio:
+                ax.legend([one], ["FB = AB"], fontsize=6.5, loc="upper right", frameon=False)
+        elif handles:
+            ax.legend(handles, labels, fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                      ncol=min(3, len(handles)), frameon=False, columnspacing=1.0, handlelength=1.8)
+
+
+def _draw_block_maps(canvas, left, top, maps, labels, titles, size=3.6, norm=None):
+    """Layer-averaged block maps side by side (shared absolute log scale, colour bar at the right)."""
+    maps = [np.asarray(m, dtype=np.float64) for m in maps]
+    norm = norm or block_norm(maps)
+    ticks = pick_ticks(labels, max_ticks=14)
+    image = None
+    gap = 0.45
+    for i, (m, title) in enumerate(zip(maps, titles)):
+        image = _panel(canvas, left + i * (size + gap), top, size, m, labels, ticks, norm, False, title,
+                       show_x=True, show_y=i == 0)
+    right = left + len(maps) * size + (len(maps) - 1) * gap
+    _colorbar(canvas.fig, image, canvas.rect(right + 0.2, top + 0.1 * size, 0.16, 0.8 * size), False,
+              "block mean of the saliency (log)", values=np.concatenate([m.ravel() for m in maps]), absolute=True)
+    return right + 1.3
+
+
+def _paper_layout(n_maps: int, width: float | None = None) -> tuple[float, float, float, float, bool]:
+    """(width, height, map size, width of the maps' block, curves below the maps?) of the paper
+    section: the maps on the left and the three curves right of them when `width` leaves 9 inches
+    for them, else the curves in a row below the maps."""
+    curves_h = 3.5
+    if not n_maps:
+        return (width or 13.0), curves_h, 0.0, 0.0, True
+    size = 3.6 if n_maps <= 1 else 3.2
+    maps_w = 0.6 + n_maps * size + (n_maps - 1) * 0.45 + 1.3
+    if width is not None and width - maps_w >= 9.0:
+        return width, max(size + 1.5, curves_h + 0.5), size, maps_w, False
+    return max(width or 0.0, maps_w, 12.0), 0.75 + size + 0.75 + curves_h, size, maps_w, True
+
+
+def _draw_paper(canvas, top, series, maps=None, labels=None, map_titles=None, highlight=None, width=None):
+    """The paper section with its top edge at `top` inches; returns the height used."""
+    width, height, size, maps_w, below = _paper_layout(len(maps) if maps else 0, width)
+    if maps:
+        canvas.text(0.15, top + 0.12, "the paper's numbers, from the block view M[a,c] / (|a| |c|): the "
+                    "layer-averaged step matrix (rows: query segment, columns: key segment; grey: the empty future), "
+                    "and FB, AB and FB/AB per layer", fontsize=7.5, color="#444", ha="left")
+        _draw_block_maps(canvas, 0.6, top + 0.75, maps, labels, map_titles or [""] * len(maps), size=size)
+        if below:
+            _draw_paper_curves(canvas, 0.0, top + 0.75 + size + 0.75, width, height - size - 1.5, series, highlight)
+        else:
+            _draw_paper_curves(canvas, maps_w, top + 0.45, width - maps_w, height - 0.45, series, highlight)
+    else:
+        _draw_paper_curves(canvas, 0.0, top, width, height, series, highlight)
+    return height
+
+
+def plot_paper(path, series, maps=None, labels=None, map_titles=None, title=None, text=None, highlight=None):
+    """The paper's per-layer numbers and maps (design.md 2.2) as one PNG.
+
+    series: list of {"label", "curves": {final_block_intensity, analysis_block_intensity,
+        final_heat_anomaly: list | {"mean", "low", "high"}}, optional "style", "colour"}.
+    maps: optional list of layer-averaged block maps (S, S) (e.g. [before, after]) with the segment
+        `labels` and `map_titles`; drawn left of the curves, one shared colour scale.
+    highlight: (layers, label) to shade on the curves (e.g. the StepFlow layers)."""
+    lines = ([title] if title else []) + ([text] if text else [])
+    head = 0.2 + 0.17 * sum(x.count("\n") + 1 for x in lines) if lines else 0.0
+    n_maps = len(maps) if maps else 0
+    width = max(13.0, _paper_layout(n_maps)[3] + 9.0) if n_maps == 1 else None
+    width, height, _, _, _ = _paper_layout(n_maps, width)
+    canvas = _Canvas(width, head + height)
+    _draw_paper(canvas, head, series, maps, labels, map_titles, highlight, width=width)
+    if lines:
+        canvas.text(0.15, 0.1, "\n".join(lines), fontsize=8.5, family="monospace", ha="left")
+    return canvas.save(path)
+
+
+def paper_text(report: dict) -> str:
+    """One line with the paper's numbers of a diagnose() report (means over layers)."""
+    from .report import fmt_sci
+
+    return (f"paper (block view), mean over layers: FB {fmt_sci(report['final_block_intensity_mean'])} · "
+            f"AB {fmt_sci(report['analysis_block_intensity_mean'])} · FB/AB {report['final_heat_anomaly_mean']:.3f}")
+
+
 def result_shares(result, row: int = 0) -> np.ndarray:
     """Row shares (L, S, S) of one trace with NaN rows where a row has no saliency."""
     s = len(result.kinds[row])
@@ -457,17 +663,23 @@ def trace_title(result, row: int = 0, name: str | None = None) -> str:
     parts = [name or meta.get("name") or f"trace {row}"]
     if meta.get("model"):
         parts.append(str(meta["model"]))
-    parts.append(f"target {meta.get('target', '?')}")
+    if meta.get("preset"):
+        parts.append(f"preset {meta['preset']}")
+    else:
+        parts.append(f"target {meta.get('target', '?')}")
     if meta.get("num_tokens"):
         parts.append(f"{meta['num_tokens']} tokens")
-    parts.append(f"{kinds.count('step')} steps" + (", summary" if "summary" in kinds else ", no summary"))
+    summaries = kinds.count("summary")
+    parts.append(f"{kinds.count('step')} steps" + (", no summary" if not summaries else ", summary" if summaries == 1
+                                                   else f", {summaries} summary segments"))
     if meta.get("stepflow"):
         parts.append("under StepFlow")
     return " · ".join(parts)
 
 
 def plot_result(result, path, row: int = 0):
-    """One heatmap panel per layer (row shares, log colour scale) and the diagnostic curves below."""
+    """One heatmap panel per layer (row shares, log colour scale), the diagnostic curves below, and
+    the paper's section: the layer-averaged block map and FB, AB, FB/AB over layers."""
     from .diagnostics import verdict_text
 
     kinds = result.kinds[row]
@@ -475,8 +687,13 @@ def plot_result(result, path, row: int = 0):
     diag = result.diagnose()[row]
     grid_w, grid_h = _grid_size(shares.shape[0])
     width = max(grid_w, 11.0)
-    text = "\n".join(verdict_text(diag))
-    canvas = _Canvas(width, grid_h + _curves_height(text))
-    used = _draw_grid(canvas, 0.0, shares, segment_labels(kinds), title="Step-Saliency: " + trace_title(result, row))
-    _draw_curves(canvas, used, width, [{"label": "this trace", "curves": diag}], diag.get("thresholds"), text=text)
+    width, paper_h = _paper_layout(1, width)[:2]
+    text = "\n".join(verdict_text(diag) + (paper_text(diag),))
+    canvas = _Canvas(width, grid_h + _curves_height(text) + paper_h)
+    labels = segment_labels(kinds)
+    used = _draw_grid(canvas, 0.0, shares, labels, title="Step-Saliency: " + trace_title(result, row))
+    used += _draw_curves(canvas, used, width, [{"label": "this trace", "curves": diag}], diag.get("thresholds"),
+                         text=text)
+    _draw_paper(canvas, used, [{"label": "this trace", "curves": diag}], [np.asarray(diag["block_map_layer_mean"])],
+                labels, ["mean over layers"], width=width)
     return canvas.save(path)

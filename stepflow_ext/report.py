@@ -18,6 +18,9 @@ last layer when the target is the summary, or the summary of a trace without one
 are left out of the averages. The aggregate map is the NaN-aware mean over traces of the
 resampled maps; the aggregate curves are the per-layer means of the traces' diagnostic curves
 with a 95% confidence band (mean +- t * standard error, Student's t with n - 1 degrees of freedom).
+The paper's per-layer numbers (FB, AB, FB/AB) are aggregated the same way, layer by layer over
+the traces (as the authors average them over samples); their block maps are not, since traces
+have different numbers of steps.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import os
 
 import numpy as np
 
-from .diagnostics import CURVES, verdicts
+from .diagnostics import CURVES, PAPER_CURVES, verdicts
 
 # 97.5% quantiles of Student's t for 1..30 degrees of freedom; 1.96 beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -111,7 +114,8 @@ def aggregate(items, bins: int = 10, lock_in_margin: float = 0.1, decay_drop: fl
 
     Returns {"shares": (L, G, G) NaN-aware mean of the resampled row shares, "rows": (L, G) how
     many traces define each row, "labels", "n", "curves": {name: {"mean", "low", "high", "n"}},
-    "flags": counts of traces flagged, "verdict": the flags of the mean curves}."""
+    "flags": counts of traces flagged, "verdict": the flags of the mean curves, "paper_curves":
+    FB, AB, FB/AB per layer as curves, "paper_means": their means over layers and traces}."""
     if not items:
         raise ValueError("aggregate needs at least one trace")
     stacked = np.stack([resample(row_shares(maps), kinds, bins) for kinds, maps, _ in items])  # (N, L, G, G)
@@ -131,8 +135,15 @@ def aggregate(items, bins: int = 10, lock_in_margin: float = 0.1, decay_drop: fl
     verdict = verdicts(curves["lock_in_index"]["mean"], curves["summary_thinking_share"]["mean"],
                        lock_in_margin, decay_drop)
     verdict["thresholds"] = {"lock_in_margin": lock_in_margin, "decay_drop": decay_drop}
+    paper_curves, paper_means = {}, {}
+    if all(name in rep for _, _, rep in items for name in PAPER_CURVES):
+        for name in PAPER_CURVES:
+            mean, low, high, n = mean_band([rep[name] for _, _, rep in items])
+            paper_curves[name] = {"mean": mean, "low": low, "high": high, "n": n}
+            paper_means[name] = float(np.mean([rep[name + "_mean"] for _, _, rep in items]))
     return {"shares": shares, "rows": count[..., 0], "labels": grid_labels(bins), "n": len(items), "bins": bins,
-            "curves": curves, "flags": flags, "verdict": verdict}
+            "curves": curves, "flags": flags, "verdict": verdict, "paper_curves": paper_curves,
+            "paper_means": paper_means}
 
 
 def save_aggregate(path, agg: dict, extra: dict | None = None) -> None:
@@ -144,7 +155,8 @@ def save_aggregate(path, agg: dict, extra: dict | None = None) -> None:
 
     save_file({"shares": torch.from_numpy(np.ascontiguousarray(agg["shares"], dtype=np.float32)),
                "rows": torch.from_numpy(np.ascontiguousarray(agg["rows"], dtype=np.int64))}, str(path))
-    info = {k: agg[k] for k in ("labels", "n", "bins", "curves", "flags", "verdict")}
+    info = {k: agg[k] for k in ("labels", "n", "bins", "curves", "flags", "verdict", "paper_curves",
+                                "paper_means") if k in agg}
     info.update(extra or {})
     write_json(str(path) + ".json", info)
 
@@ -248,6 +260,13 @@ def fmt(x, digits=3) -> str:
     if isinstance(x, (int, np.integer)):
         return str(int(x))
     return f"{float(x):.{digits}f}"
+
+
+def fmt_sci(x, digits=3) -> str:
+    """A small positive number for tables (saliency intensities): 3.21e-06; n/a for None/NaN."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{float(x):.{digits - 1}e}" if x != 0 else "0"
 
 
 def flag(x) -> str:
