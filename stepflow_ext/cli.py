@@ -97,9 +97,10 @@ def load_config(path, model):
 def segmentation_options(args) -> dict:
     """The segmentation options of the command line (the `segmentation` group), as segment() takes them."""
     start = _escapes(args.think_start)
+    # --preset paper is the paper's analysis: sentence steps (the default) and the summary split at "\n\n".
+    summary_steps = args.summary_steps or getattr(args, "preset", None) == "paper"
     return {"think_start": None if start.lower() == "none" else start, "think_end": _escapes(args.think_end),
-            "steps": args.steps, "summary_steps": args.summary_steps,
-            "step_delimiter": _escapes(args.step_delimiter)}
+            "steps": args.steps, "summary_steps": summary_steps, "step_delimiter": _escapes(args.step_delimiter)}
 
 
 def _rule(args) -> dict:

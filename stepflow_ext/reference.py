@@ -172,8 +172,9 @@ def bridge_shifts(a, same, bridge, other, tau_max=0.15, eps=OEB_EPS):
     active = (n_b > 0) & (n_s > 0) & (p_b < tau) & (available > eps) & (p_s > eps)
     tau = torch.clamp(torch.minimum(tau, available - eps), min=eps)
     tau_s = available - tau
-    lam_b = torch.where(active, torch.log((tau + eps) / (p_b + eps)), torch.zeros_like(tau))
-    lam_s = torch.where(active, torch.log((tau_s + eps) / (p_s + eps)), torch.zeros_like(tau))
+    one = torch.ones_like(tau)  # inactive rows: log(1) (keeps autograd free of log(0) * 0 = nan)
+    lam_b = torch.where(active, torch.log(torch.where(active, (tau + eps) / (p_b + eps), one)), 0 * tau)
+    lam_s = torch.where(active, torch.log(torch.where(active, (tau_s + eps) / (p_s + eps), one)), 0 * tau)
     return lam_b, lam_s, active
 
 

@@ -217,7 +217,7 @@ def test_analyze_end_to_end(tiny, tmp_path, capsys):
         _is_picture(out / png)
     assert not (out / "traces" / "line0003_heatmaps.png").exists()      # --plots 1
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "src='http" not in html and "Deep Decay" in html
+    assert html.count("data:image/png;base64,") == 6 and "src='http" not in html and "Deep Decay" in html
     assert "line0001-q1" in (out / "report.md").read_text()
 
 
@@ -306,7 +306,7 @@ def test_compare_end_to_end(tiny, tmp_path, capsys):
     for png in ("side_by_side.png", "curves.png", "heatmaps_before.png", "heatmaps_after.png", "heatmaps_diff.png",
                 "line0001-q1_side_by_side.png", "line0001-q1_curves.png"):
         _is_picture(out / png)
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 7
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 9
 
 
 def test_usage_errors(tiny, tmp_path, capsys):
