@@ -8,19 +8,28 @@
 #include "stepflow.h"
 
 TORCH_LIBRARY(stepflow, m) {
-  // M[b, a, c] of design.md 2.2 for one layer, raw sums, fp32 (B, S, S).
+  // M[b, a, c] of design.md 2.2 for one layer, raw sums, fp32 (B, S, S). sink: per-head logits (H,)
+  // in the softmax denominator (GPT-OSS); window: sliding window (-1: full attention); oeb_bounds:
+  // (B, T, 2) group bounds of the OEB layer whose A' the saliency is measured on (as oeb_attention).
   m.def(
       "step_saliency_pool(Tensor q, Tensor k, Tensor v, Tensor grad_out, Tensor seg_ids, "
       "int num_segments, float scale, str head_reduction=\"sum_abs\", Tensor? lse=None, "
-      "Tensor? oeb_seg_start=None, float oeb_strength=0.0, int oeb_num_sink=1) -> Tensor");
-  // Odds-Equal Bridge attention (design.md 2.3): (out, lse, stats=(p_C, p_X)).
+      "Tensor? sink=None, int window=-1, Tensor? oeb_bounds=None, str oeb_rule=\"bridge\", "
+      "float oeb_strength=0.0, float oeb_tau_max=0.15, float oeb_eps=1e-6) -> Tensor");
+  // Odds-Equal Bridge attention (design.md 2.3): three contiguous key groups per query row,
+  // [lo, a), [a, b), [b, i] with (a, b) = bounds[b, i] ((-1, -1): not intervened), a rule
+  // ("bridge" | "odds"), an optional per-head sink logit and sliding window.
+  // Returns (out, lse, stats): lse over the valid real keys before the rule (fp32 (B, H, Tq));
+  // stats fp32 (B, H, Tq, 5) = (p_0, p_1, p_2, p_sink, active): the group masses under the model's
+  // real-key softmax, the sink's weight in the final softmax, and 1.0 where the rule changed the row.
   m.def(
-      "oeb_attention(Tensor q, Tensor k, Tensor v, Tensor seg_start, Tensor kv_start, "
-      "float strength, int num_sink, float scale) -> (Tensor, Tensor, Tensor)");
+      "oeb_attention(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor bounds, str rule, "
+      "float strength, float tau_max, float eps, Tensor? sink, int window, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "oeb_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, "
-      "Tensor stats, Tensor seg_start, Tensor kv_start, float strength, int num_sink, "
-      "float scale) -> (Tensor, Tensor, Tensor)");
+      "oeb_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor stats, "
+      "Tensor kv_start, Tensor bounds, str rule, float strength, float tau_max, float eps, Tensor? sink, "
+      "int window, float scale) -> (Tensor, Tensor, Tensor)");
   // Step Momentum Injection (design.md 2.4): prefill from an empty state ...
   m.def("step_momentum(Tensor h, Tensor seg_ids, Tensor seg_kinds, float beta, float gamma) -> Tensor");
   // ... and the incremental form that carries the per-layer state across calls.

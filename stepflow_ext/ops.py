@@ -12,7 +12,9 @@ from . import _C  # noqa: F401  (loading the library registers torch.ops.stepflo
 
 QUESTION, STEP, SUMMARY = 0, 1, 2
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-HEAD_REDUCTIONS = ("sum_abs", "abs_sum")
+HEAD_REDUCTIONS = ("sum_abs", "abs_sum", "abs_mean")
+OEB_RULES = ("bridge", "odds")
+OEB_EPS = 1e-6  # the epsilon of the paper's logit shifts (design.md 2.3)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -90,25 +92,80 @@ def _check_seg_ids(name, seg_ids, batch, length, num_segments=None):
             raise ValueError(f"{name} has segment id {hi} but num_segments is {num_segments}")
 
 
+# --------------------------------------------------------------------------- shared OEB arguments
+
+
+def _check_sink(sink, q):
+    if sink is None:
+        return None
+    _check_tensor("sink", sink, 1)
+    if sink.shape[0] != q.shape[1]:
+        raise ValueError(f"sink must have shape (H,) = ({q.shape[1]},), one logit per query head, got {tuple(sink.shape)}")
+    if sink.device != q.device:
+        raise ValueError(f"sink is on {sink.device} but q is on {q.device}")
+    if sink.device.type != "meta" and not bool(torch.isfinite(sink).all()):
+        raise ValueError("sink must hold finite logits")
+    return sink
+
+
+def _check_window(window):
+    """None (or -1) = full attention; else a sliding window of >= 1 keys. Returns the schema's int."""
+    if window is None:
+        return -1
+    if isinstance(window, bool) or not isinstance(window, int) or not (window >= 1 or window == -1):
+        raise ValueError(f"window must be None (full attention) or an int >= 1 (a sliding window), got {window!r}")
+    return window
+
+
+def _check_rule_args(rule, strength, tau_max, eps):
+    if rule not in OEB_RULES:
+        raise ValueError(f"rule must be one of {OEB_RULES}, got {rule!r}")
+    strength = _check_scalar_range("strength", strength, 0.0, 1.0)
+    tau_max = _check_scalar_range("tau_max", tau_max, 0.0, 1.0)
+    if tau_max == 0.0:
+        raise ValueError("tau_max must be in (0, 1], got 0.0")
+    eps = _check_scalar_range("eps", eps, 0.0, 0.5, hi_open=True)
+    if eps == 0.0:
+        raise ValueError("eps must be in (0, 0.5): it is part of the bridge rule (design.md 2.3), got 0.0")
+    return strength, tau_max, eps
+
+
+def _check_bounds(name, bounds, batch, tq, tk):
+    _check_tensor(name, bounds, 3, dtypes=(torch.int64, torch.int32))
+    if tuple(bounds.shape) != (batch, tq, 2):
+        raise ValueError(f"{name} must have shape ({batch}, {tq}, 2), got {tuple(bounds.shape)}")
+    if bounds.numel() and bounds.device.type != "meta":
+        a, c = bounds[..., 0], bounds[..., 1]
+        end = torch.arange(tk - tq, tk, device=bounds.device)[None] + 1  # keys [.., end) for query i
+        off = (a == -1) & (c == -1)
+        ok = off | ((a >= 0) & (a <= c) & (c <= end))
+        if not bool(ok.all()):
+            row, i = (int(x) for x in (~ok).nonzero()[0])
+            raise ValueError(f"{name}[{row}, {i}] = {bounds[row, i].tolist()}: each query needs (-1, -1) (not "
+                             f"intervened) or 0 <= a <= b <= its key position + 1 ({int(end[0, i])})")
+    return bounds.long()
+
+
 # --------------------------------------------------------------------------- step_saliency_pool
 
 
 def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None,
-                       oeb_seg_start=None, oeb_strength=0.0, oeb_num_sink=1):
+                       sink=None, window=None, oeb_bounds=None, oeb_rule="bridge", oeb_strength=0.0,
+                       oeb_tau_max=0.15, oeb_eps=OEB_EPS):
     """The raw step map M[b, a, c] of design.md 2.2 for one layer, fp32 (B, S, S).
 
     q, grad_out: (B, H, T, d); k, v: (B, H_kv, T, d); seg_ids: (B, T) int64, -1 on padding.
-    lse (optional, (B, H, T) fp32): the log-sum-exp of scale * q.k over each query's causal
-    valid keys, as attention forward kernels return it; given, it saves one pass over the keys.
+    head_reduction: "sum_abs" |sum_h A dL/dA|, "abs_sum" sum_h |A dL/dA|, "abs_mean" (the paper's)
+    the mean over heads of |A dL/dA|.
+    lse (optional, (B, H, T) fp32): the log-sum-exp of scale * q.k over each query's valid real keys
+    (no sink), as attention forward kernels return it; given, it saves one pass over the keys.
+    sink (optional, (H,)): per-head attention-sink logits in the softmax denominator (GPT-OSS);
+    window (optional int): the layer's sliding window (keys j > i - window).
 
     OEB (optional, for a layer where the Odds-Equal Bridge of design.md 2.3 is active): the
-    saliency is measured on the rebalanced attention A' the layer really used,
-    I_ij = |sum_h A'^h_ij dO^h_i . v_j|. oeb_seg_start (B, T) int64 holds, for each query, the
-    key position where its segment starts, or -1 for queries that are not rebalanced (the
-    seg_start input of oeb_attention for a prefill: reference.seg_start_from_seg_ids).
-    oeb_strength is lambda in [0, 1], oeb_num_sink the number of sink keys counted from each
-    row's first valid token (its OEB kv_start). lse, if given, is still the log-sum-exp before
-    the rebalance (the lse oeb_attention returns). Without oeb_seg_start the OEB args are unused.
+    saliency is measured on the attention A' the layer really used. oeb_bounds (B, T, 2) are the
+    group bounds of oeb_attention for this prefill, with its rule and parameters; the OEB kv_start
+    of a row is its first valid token. Without oeb_bounds the OEB args are unused.
     """
     _check_attention_shapes(q, k, v)
     _check_tensor("grad_out", grad_out, 4)
@@ -127,112 +184,119 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
         _check_tensor("lse", lse, 3, dtypes=(torch.float32,))
         if tuple(lse.shape) != tuple(q.shape[:3]):
             raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
-    oeb_strength = _check_scalar_range("oeb_strength", oeb_strength, 0.0, 1.0)
-    if isinstance(oeb_num_sink, bool) or not isinstance(oeb_num_sink, int) or oeb_num_sink < 0:
-        raise ValueError(f"oeb_num_sink must be a non-negative int, got {oeb_num_sink!r}")
-    if oeb_seg_start is not None:
-        _check_tensor("oeb_seg_start", oeb_seg_start, 2, dtypes=(torch.int64, torch.int32))
-        if tuple(oeb_seg_start.shape) != (b, t):
-            raise ValueError(f"oeb_seg_start must have shape ({b}, {t}), got {tuple(oeb_seg_start.shape)}")
-        if oeb_seg_start.numel() and oeb_seg_start.device.type != "meta":
-            qpos = torch.arange(t, device=oeb_seg_start.device)
-            if bool(((oeb_seg_start < -1) | (oeb_seg_start > qpos)).any()):
-                raise ValueError("oeb_seg_start must be -1 (not rebalanced) or a key position in [0, i] "
-                                 "for query i")
-        oeb_seg_start = oeb_seg_start.long()
+    sink = _check_sink(sink, q)
+    window = _check_window(window)
+    oeb_strength, oeb_tau_max, oeb_eps = _check_rule_args(oeb_rule, oeb_strength, oeb_tau_max, oeb_eps)
+    if oeb_bounds is not None:
+        oeb_bounds = _check_bounds("oeb_bounds", oeb_bounds, b, t, t)
     _check_device("step_saliency_pool", "q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse,
-                  oeb_seg_start=oeb_seg_start)
+                  oeb_bounds=oeb_bounds)
     return torch.ops.stepflow.step_saliency_pool(q, k, v, grad_out, seg_ids.long(), num_segments, scale,
-                                                 head_reduction, lse, oeb_seg_start, oeb_strength, oeb_num_sink)
+                                                 head_reduction, lse, sink, window, oeb_bounds, oeb_rule,
+                                                 oeb_strength, oeb_tau_max, oeb_eps)
 
 
 @torch.library.register_fake("stepflow::step_saliency_pool")
-def _(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None,
-      oeb_seg_start=None, oeb_strength=0.0, oeb_num_sink=1):
+def _(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None, sink=None, window=-1,
+      oeb_bounds=None, oeb_rule="bridge", oeb_strength=0.0, oeb_tau_max=0.15, oeb_eps=1e-6):
     return q.new_empty((q.shape[0], num_segments, num_segments), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- oeb_attention
 
 
-def _check_oeb_args(q, k, v, seg_start, kv_start, strength, num_sink, scale):
+def _check_oeb_args(q, k, v, kv_start, bounds, rule, strength, tau_max, eps, sink, window, scale):
     _check_attention_shapes(q, k, v)
     b, _, tq, _ = q.shape
     tk = k.shape[2]
     if tq > tk:
         raise ValueError(f"q has {tq} tokens but k only {tk}: queries must not outnumber keys")
-    _check_tensor("seg_start", seg_start, 2, dtypes=(torch.int64, torch.int32))
-    if tuple(seg_start.shape) != (b, tq):
-        raise ValueError(f"seg_start must have shape ({b}, {tq}), got {tuple(seg_start.shape)}")
     _check_tensor("kv_start", kv_start, 1, dtypes=(torch.int64, torch.int32))
     if tuple(kv_start.shape) != (b,):
         raise ValueError(f"kv_start must have shape ({b},), got {tuple(kv_start.shape)}")
     if kv_start.numel() and kv_start.device.type != "meta":
         if int(kv_start.min()) < 0 or int(kv_start.max()) > tk:
             raise ValueError(f"kv_start must be in [0, {tk}], got {kv_start.tolist()}")
-    if seg_start.numel() and seg_start.device.type != "meta":
-        lo, hi = int(seg_start.min()), int(seg_start.max())
-        if lo < -1 or hi >= tk:
-            raise ValueError(f"seg_start must be -1 (not rebalanced) or a key position in [0, {tk}), "
-                             f"found values in [{lo}, {hi}]")
-        qpos = torch.arange(tk - tq, tk, device=seg_start.device)
-        if bool((seg_start > qpos).any()):
-            raise ValueError("seg_start must not lie after its query's own position")
-    strength = _check_scalar_range("strength", strength, 0.0, 1.0)
-    if isinstance(num_sink, bool) or not isinstance(num_sink, int) or num_sink < 0:
-        raise ValueError(f"num_sink must be a non-negative int, got {num_sink!r}")
+    bounds = _check_bounds("bounds", bounds, b, tq, tk)
+    strength, tau_max, eps = _check_rule_args(rule, strength, tau_max, eps)
+    sink = _check_sink(sink, q)
+    window = _check_window(window)
     scale = _check_scale(scale)
-    _check_device("oeb_attention", "q", q, k=k, v=v, seg_start=seg_start, kv_start=kv_start)
-    return strength, scale
+    _check_device("oeb_attention", "q", q, k=k, v=v, kv_start=kv_start, bounds=bounds)
+    return bounds, strength, tau_max, eps, sink, window, scale
 
 
-def oeb_attention(q, k, v, seg_start, kv_start, strength, num_sink=1, scale=None):
+def oeb_attention(q, k, v, kv_start, bounds, rule="bridge", strength=0.5, tau_max=0.15, eps=OEB_EPS, sink=None,
+                  window=None, scale=None):
     """Odds-Equal Bridge attention (design.md 2.3). Returns (out, lse, stats).
 
-    q: (B, H, Tq, d); k, v: (B, H_kv, Tk, d) with Tq <= Tk, query i at key position Tk - Tq + i.
-    seg_start: (B, Tq) int64, key position where query i's segment starts, -1 for queries
-    that are not rebalanced (question tokens, padding). kv_start: (B,) first valid key (left
-    padding). out has q's dtype; lse (B, H, Tq) and stats (B, H, Tq, 2) = (p_C, p_X) are fp32.
-    Differentiable in q, k, v through `out` (docs/method.md section 3.1); lse and stats are
-    diagnostics taken before rebalancing and are not differentiable.
+    q: (B, H, Tq, d); k, v: (B, H_kv, Tk, d) with Tq <= Tk, query i at key position p = Tk - Tq + i.
+    kv_start: (B,) int64, the first valid key (left padding). bounds: (B, Tq, 2) int64, per query
+    (a, b): its valid keys [lo, p] split into group 0 = [lo, a) (never rescaled), group 1 = [a, b),
+    group 2 = [b, p]; (-1, -1): the row is not intervened (question tokens, padding).
+    rule "bridge" (the paper's, default): groups O, B, S; the bridge B gets at least
+    tau_B = min(sqrt(|B| / (|B| + |S| + eps)), tau_max) of the mass by the KL projection with the
+    paper's eps. rule "odds" (this project's earlier OEB): groups sinks, X, C; where p_C > p_X > 0
+    the odds p_C / p_X become their (1 - strength) power.
+    sink: optional per-head logits (H,) in the final softmax (GPT-OSS); window: optional sliding
+    window (keys j > p - window). Both rules read the group masses off the real-key softmax.
+    out has q's dtype; lse (B, H, Tq) is the log-sum-exp over the valid real keys before the rule;
+    stats (B, H, Tq, 5) fp32 = (p_0, p_1, p_2, p_sink, active). Differentiable in q, k, v and sink
+    through `out` (docs/method.md section 3); lse and stats are diagnostics, not differentiable.
     """
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = q.shape[-1] ** -0.5
-    strength, scale = _check_oeb_args(q, k, v, seg_start, kv_start, strength, num_sink, scale)
-    return torch.ops.stepflow.oeb_attention(q, k, v, seg_start.long(), kv_start.long(), strength, num_sink, scale)
+    bounds, strength, tau_max, eps, sink, window, scale = _check_oeb_args(q, k, v, kv_start, bounds, rule, strength,
+                                                                          tau_max, eps, sink, window, scale)
+    return torch.ops.stepflow.oeb_attention(q, k, v, kv_start.long(), bounds, rule, strength, tau_max, eps, sink,
+                                            window, scale)
+
+
+def active_count(stats) -> int:
+    """The number of (batch, head, query) rows an oeb_attention call changed (its triggers)."""
+    return int(stats[..., 4].sum())
 
 
 @torch.library.register_fake("stepflow::oeb_attention")
-def _(q, k, v, seg_start, kv_start, strength, num_sink, scale):
-    b, h, tq, _ = q.shape
-    return (torch.empty_like(q), q.new_empty((b, h, tq), dtype=torch.float32),
-            q.new_empty((b, h, tq, 2), dtype=torch.float32))
+def _(q, k, v, kv_start, bounds, rule, strength, tau_max, eps, sink, window, scale):
+    b, h, tq, d = q.shape
+    # The kernels return contiguous tensors whatever the strides of q (HF's q after RoPE is not).
+    return (q.new_empty((b, h, tq, d)), q.new_empty((b, h, tq), dtype=torch.float32),
+            q.new_empty((b, h, tq, 5), dtype=torch.float32))
 
 
 @torch.library.register_fake("stepflow::oeb_attention_backward")
-def _(grad_out, q, k, v, lse, stats, seg_start, kv_start, strength, num_sink, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, lse, stats, kv_start, bounds, rule, strength, tau_max, eps, sink, window, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _oeb_setup_context(ctx, inputs, output):
-    q, k, v, seg_start, kv_start, strength, num_sink, scale = inputs
-    _, lse, stats = output
-    # Gradients flow from `out` only: lse and stats are diagnostics (the pre-rebalance
-    # normalizer and group masses) and are marked non-differentiable.
+    q, k, v, kv_start, bounds, rule, strength, tau_max, eps, sink, window, scale = inputs
+    out, lse, stats = output
+    # Gradients flow from `out` only: lse and stats are diagnostics (the pre-rule normalizer, the
+    # group masses, the sink's weight, the trigger flag) and are marked non-differentiable.
     ctx.mark_non_differentiable(lse, stats)
-    ctx.save_for_backward(q, k, v, lse, stats, seg_start, kv_start)
-    ctx.strength, ctx.num_sink, ctx.scale = strength, num_sink, scale
+    ctx.save_for_backward(q, k, v, out, lse, stats, kv_start, bounds, sink)
+    ctx.args = (rule, strength, tau_max, eps, window, scale)
 
 
 def _oeb_backward(ctx, grad_out, grad_lse, grad_stats):
-    q, k, v, lse, stats, seg_start, kv_start = ctx.saved_tensors
+    q, k, v, out, lse, stats, kv_start, bounds, sink = ctx.saved_tensors
+    rule, strength, tau_max, eps, window, scale = ctx.args
     if grad_out is None:
-        return (None,) * 8
-    dq, dk, dv = torch.ops.stepflow.oeb_attention_backward(
-        grad_out.contiguous(), q, k, v, lse, stats, seg_start, kv_start, ctx.strength, ctx.num_sink, ctx.scale)
+        return (None,) * 12
     need = ctx.needs_input_grad
+    dq = dk = dv = dsink = None
+    if any(need[:3]):
+        dq, dk, dv = torch.ops.stepflow.oeb_attention_backward(
+            grad_out.contiguous(), q, k, v, lse, stats, kv_start, bounds, rule, strength, tau_max, eps, sink,
+            window, scale)
+    if sink is not None and need[9]:
+        # d out_i / d sink_h = -p_sink,i out_i (the sink only adds to the denominator of A').
+        row = (grad_out.float() * out.float()).sum(-1) * stats[..., 3]
+        dsink = (-row.sum(dim=(0, 2))).to(sink.dtype)
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            None, None, None, None, None)  # no gradient for seg_start, kv_start or the scalars
+            None, None, None, None, None, None, dsink, None, None)
 
 
 torch.library.register_autograd("stepflow::oeb_attention", _oeb_backward, setup_context=_oeb_setup_context)

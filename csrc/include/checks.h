@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <string>
 #include <utility>
 
+#include "oeb_rule.h"
 #include "stepflow.h"
 
 namespace stepflow {
@@ -28,18 +30,49 @@ inline bool is_supported_float(at::ScalarType t) {
 
 // ------------------------------------------------------------------------------- oeb_attention
 
+// The rule name of the op schema -> oeb::RuleCode.
+inline int oeb_rule_code(const char* op, const std::string& rule) {
+  TORCH_CHECK(rule == "bridge" || rule == "odds", op, ": rule must be 'bridge' or 'odds', got '", rule, "'");
+  return rule == "bridge" ? oeb::kBridge : oeb::kOdds;
+}
+
+inline oeb::RuleParams check_oeb_rule(const char* op, const std::string& rule, double strength, double tau_max,
+                                      double eps) {
+  oeb::RuleParams R{};
+  R.rule = oeb_rule_code(op, rule);
+  TORCH_CHECK(strength >= 0.0 && strength <= 1.0, op, ": strength must be in [0, 1], got ", strength);
+  TORCH_CHECK(tau_max > 0.0 && tau_max <= 1.0, op, ": tau_max must be in (0, 1], got ", tau_max);
+  TORCH_CHECK(eps > 0.0 && eps < 0.5, op, ": eps must be in (0, 0.5), got ", eps);
+  R.strength = strength, R.tau_max = tau_max, R.eps = eps;
+  return R;
+}
+
+// sink: optional per-head logits (H,), any float dtype, on q's device.
+inline void check_sink(const char* op, const c10::optional<at::Tensor>& sink, const at::Tensor& q) {
+  if (!sink.has_value()) return;
+  const at::Tensor& s = *sink;
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == q.size(1), op, ": sink must have shape (H,) = (", q.size(1), ",), got ",
+              s.sizes());
+  TORCH_CHECK(is_supported_float(s.scalar_type()), op, ": sink must be a float tensor, got ", s.scalar_type());
+  check_same_device(op, {{"q", &q}, {"sink", &s}});
+}
+
 struct OebSizes {
-  int64_t B, H, Hkv, G, Tq, Tk, d, num_sink;
-  double strength, scale;
+  int64_t B, H, Hkv, G, Tq, Tk, d, window;  // window <= 0: full attention
+  double scale;
+  oeb::RuleParams rule;
 };
 
+// bounds (B, Tq, 2) int64: per query (a, b), the starts of groups 1 and 2 (key positions; (-1, -1):
+// the row is not intervened). kv_start (B,) int64: the first valid key of each row.
 inline OebSizes check_oeb_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const at::Tensor& seg_start, const at::Tensor& kv_start, double strength,
-                                    int64_t num_sink, double scale) {
+                                    const at::Tensor& kv_start, const at::Tensor& bounds, const std::string& rule,
+                                    double strength, double tau_max, double eps,
+                                    const c10::optional<at::Tensor>& sink, int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "oeb_attention: q, k, v must be 4-d (B, H, T, d), got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  check_same_device("oeb_attention", {{"q", &q}, {"k", &k}, {"v", &v}, {"seg_start", &seg_start},
-                                      {"kv_start", &kv_start}});
+  check_same_device("oeb_attention", {{"q", &q}, {"k", &k}, {"v", &v}, {"kv_start", &kv_start},
+                                      {"bounds", &bounds}});
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "oeb_attention: q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
@@ -55,19 +88,20 @@ inline OebSizes check_oeb_arguments(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(P.Hkv > 0 && P.H % P.Hkv == 0, "oeb_attention: query heads (", P.H,
               ") must be a multiple of kv heads (", P.Hkv, ")");
   TORCH_CHECK(P.Tq <= P.Tk, "oeb_attention: q has ", P.Tq, " tokens but k only ", P.Tk);
-  TORCH_CHECK(seg_start.scalar_type() == at::kLong && seg_start.dim() == 2 && seg_start.size(0) == P.B &&
-                  seg_start.size(1) == P.Tq,
-              "oeb_attention: seg_start must be int64 of shape (", P.B, ", ", P.Tq, "), got ",
-              seg_start.scalar_type(), " ", seg_start.sizes());
+  TORCH_CHECK(bounds.scalar_type() == at::kLong && bounds.dim() == 3 && bounds.size(0) == P.B &&
+                  bounds.size(1) == P.Tq && bounds.size(2) == 2,
+              "oeb_attention: bounds must be int64 of shape (", P.B, ", ", P.Tq, ", 2), got ", bounds.scalar_type(),
+              " ", bounds.sizes());
   TORCH_CHECK(kv_start.scalar_type() == at::kLong && kv_start.dim() == 1 && kv_start.size(0) == P.B,
               "oeb_attention: kv_start must be int64 of shape (", P.B, "), got ", kv_start.scalar_type(), " ",
               kv_start.sizes());
-  TORCH_CHECK(strength >= 0.0 && strength <= 1.0, "oeb_attention: strength must be in [0, 1], got ", strength);
-  TORCH_CHECK(num_sink >= 0, "oeb_attention: num_sink must be >= 0, got ", num_sink);
+  check_sink("oeb_attention", sink, q);
+  TORCH_CHECK(window >= -1 && window != 0, "oeb_attention: window must be -1 (full attention) or >= 1, got ", window);
   TORCH_CHECK(scale > 0.0 && std::isfinite(scale), "oeb_attention: scale must be a positive number, got ", scale);
+  P.rule = check_oeb_rule("oeb_attention", rule, strength, tau_max, eps);
   P.G = P.H / P.Hkv;
-  P.strength = strength, P.scale = scale;
-  P.num_sink = std::min(num_sink, P.Tk);  // more sinks than keys is the same as all keys
+  P.scale = scale;
+  P.window = window;
   return P;
 }
 
@@ -80,8 +114,8 @@ struct SaliencySizes {
 inline SaliencySizes check_saliency_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& grad_out, const at::Tensor& seg_ids,
                                               int64_t num_segments, double scale, const std::string& reduction) {
-  TORCH_CHECK(reduction == "sum_abs" || reduction == "abs_sum",
-              "step_saliency_pool: head_reduction must be 'sum_abs' or 'abs_sum', got '", reduction, "'");
+  TORCH_CHECK(reduction == "sum_abs" || reduction == "abs_sum" || reduction == "abs_mean",
+              "step_saliency_pool: head_reduction must be 'sum_abs', 'abs_sum' or 'abs_mean', got '", reduction, "'");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && grad_out.dim() == 4,
               "step_saliency_pool: q, k, v, grad_out must be 4-D (B, H, T, d), got ", q.sizes(), ", ", k.sizes(),
               ", ", v.sizes(), ", ", grad_out.sizes());
