@@ -1,7 +1,8 @@
 // CPU kernel of stepflow::step_saliency_pool (design.md 2.2).
 //
 //   M[b, a, c] = sum_{i: seg(i)=a} sum_{j <= i: seg(j)=c} I_ij,
-//   I_ij = | sum_h A^h_ij (dO^h_i . v^{g(h)}_j) |  ("sum_abs")   or   sum_h | ... |  ("abs_sum").
+//   I_ij = | sum_h A^h_ij (dO^h_i . v^{g(h)}_j) |  ("sum_abs"),   sum_h | ... |  ("abs_sum"),
+//   or (1/H) sum_h | ... |  ("abs_mean", the paper's).
 //
 // sum_abs needs the sum over heads before the abs, so a task is (batch, block of queries) and
 // the heads are looped inside it. Per head the task forms, with BLAS, the strips
@@ -11,12 +12,15 @@
 // S x S map. Memory is O(block_q * T) per worker: no T x T (let alone H x T x T) buffer exists.
 // Without lse the row max / sum come from the strip itself (it is whole in memory).
 //
+// Attention sinks (GPT-OSS) and sliding windows: A is the model's softmax, with e^{sink_h} in the
+// denominator and only the keys inside the window.
+//
 // Odds-Equal Bridge (design.md 2.3), optional: in a layer where OEB is active the output is
 // o_i = sum_j A'_ij v_j, so the saliency is measured on A' (I_ij uses A'^h_ij). A'_ij = A_ij r_g
-// with one factor per (row, head) and key group g: sinks (r = 1), X = earlier context, C =
-// current step. The groups are contiguous key ranges of the row, so the kernel sums P over the
-// X and C ranges of the strip it already holds, derives r_X, r_C, and folds the three ranges
-// into acc with their factors: two range sums per row and head, no extra GEMM.
+// with one factor per (row, head) and key group g (csrc/include/oeb_rule.h, the arithmetic the
+// OEB attention kernels use). The groups are contiguous key ranges of the row, so the kernel
+// sums P over the ranges of the strip it already holds, derives the r_g, and folds the three
+// ranges into acc with their factors: three range sums per row and head, no extra GEMM.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -107,68 +111,49 @@ inline void fold(T* acc, const T* p, const T* g, int64_t from, int64_t to, T f) 
   }
 }
 
-// OEB arguments: seg_start (B, T) int64 contiguous, undefined when OEB is off.
-struct Oeb {
-  const int64_t* seg_start = nullptr;
-  double strength = 0;
-  int64_t num_sink = 1;
+// The attention's extras: OEB bounds (B, T, 2) int64 contiguous (nullptr when OEB is off) with
+// its rule, the sink logits (H,) in double (nullptr: none) and the sliding window (<= 0: none).
+struct Extras {
+  const int64_t* bounds = nullptr;
+  oeb::RuleParams rule{};
+  const double* sink = nullptr;
+  int64_t window = -1;
 };
-
-// The OEB factors (r_C, r_X) of one row from its group masses p_C, p_X (design.md 2.3). The
-// rebalance is homogeneous of degree 0 in (p_C, p_X), so unnormalized masses give the same r.
-inline std::pair<double, double> oeb_factors(double p_c, double p_x, double strength) {
-  if (!(p_x > 0 && p_c > p_x)) return {1.0, 1.0};  // not locked in: A' = A
-  const double odds = p_c / p_x, new_odds = std::pow(odds, 1.0 - strength), mass = p_c + p_x;
-  const double new_pc = mass * new_odds / (1 + new_odds), new_px = mass / (1 + new_odds);
-  return {new_pc / p_c, new_px / p_x};
-}
-
-inline double softplus(double x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
 
 // Strip rows hold P <= 1 (exp(s - lse) or exp(s - rowmax)). Entries below T's smallest normal
 // number have underflowed; a group whose strip mass is below min * 2^40 may have lost up to
-// n * 2^-40 of it, or all of it. The rebalance would then amplify that error (r_X = M'/p_X is
-// up to M / (2 p_X) at strength 1), so such rows take the exact path below.
+// n * 2^-40 of it, or all of it. The rule would then amplify that error (it lifts a tiny bridge
+// by up to 1/eps, a tiny context by M / (2 p_X) in the odds rule), so such rows take the exact
+// path below.
 template <typename T>
 constexpr double kUnderflowGuard = std::numeric_limits<T>::min() * 1099511627776.0;  // 2^40
 
-// Exact A' on the X keys [xs, cs) and C keys [cs, n) of one strip row, written over the row
-// (sinks untouched). For rows with score gaps beyond exp's range (~87 in fp32): recompute
-// their scores s_j = scale q.k_j and exponentiate each group with its own max, in the log
-// domain: log p_g = m_g + log Z_g - log_norm with Z_g = sum_j exp(s_j - m_g), then
-// A'_j = exp(s_j - (m_g + log Z_g - log p'_g)). log_norm: the row's log-sum-exp.
+// Exact A' on the keys of the groups G of one strip row (strip column c = key lo + c), written
+// over the row. For rows with score gaps beyond exp's range (~87 in fp32): recompute their scores
+// s_j = scale q.k_j and take each group's log-mass with its own max, L_g = m_g + log Z_g with
+// Z_g = sum_j exp(s_j - m_g); then A'_j = exp(s_j - lse + log r_g).
 template <typename T>
-void oeb_row_exact(T* p, const T* q, const T* k, const int64_t* key_seg, int64_t d, double scale, int64_t xs,
-                   int64_t cs, int64_t n, double log_norm, double strength) {
+void oeb_row_exact(T* p, const T* q, const T* k, int64_t lo, int64_t d, double scale, const oeb::Groups& G,
+                   double sink, const oeb::RuleParams& rule) {
   constexpr double ninf = -std::numeric_limits<double>::infinity();
-  for (int64_t j = xs; j < n; ++j) {
-    T dot = 0;
-    for (int64_t c = 0; c < d; ++c) dot += q[c] * k[j * d + c];
-    p[j] = key_seg[j] < 0 ? static_cast<T>(ninf) : static_cast<T>(scale * dot);  // padding keys: A = 0
+  std::vector<double> s(G.hi[2] - G.lo[0]);
+  for (int64_t j = G.lo[0]; j < G.hi[2]; ++j) {
+    double dot = 0;
+    for (int64_t c = 0; c < d; ++c) dot += double(q[c]) * double(k[(j - lo) * d + c]);
+    s[j - G.lo[0]] = scale * dot;
   }
-  // (m_g, log Z_g) of keys [a, e); m = -inf for an empty or all-padding group.
-  auto stats = [&](int64_t a, int64_t e) {
+  double L[3], n[3];
+  for (int g = 0; g < 3; ++g) {
     double m = ninf, z = 0;
-    for (int64_t j = a; j < e; ++j) m = std::max(m, static_cast<double>(p[j]));
-    if (m == ninf) return std::pair<double, double>{ninf, 0.0};
-    for (int64_t j = a; j < e; ++j) z += std::exp(p[j] - m);
-    return std::pair<double, double>{m, std::log(z)};
-  };
-  const auto [m_x, lz_x] = stats(xs, cs);
-  const auto [m_c, lz_c] = stats(cs, n);
-  const double lp_x = m_x + lz_x - log_norm, lp_c = m_c + lz_c - log_norm;  // -inf when empty
-  double new_lp_x = lp_x, new_lp_c = lp_c;
-  if (lp_x > ninf && lp_c > lp_x) {  // locked in
-    const double new_log_odds = (1.0 - strength) * (lp_c - lp_x);
-    const double log_mass = lp_c + std::log1p(std::exp(lp_x - lp_c));
-    new_lp_c = log_mass - softplus(-new_log_odds);  // M o' / (1 + o')
-    new_lp_x = log_mass - softplus(new_log_odds);   // M / (1 + o')
+    for (int64_t j = G.lo[g]; j < G.hi[g]; ++j) m = std::max(m, s[j - G.lo[0]]);
+    for (int64_t j = G.lo[g]; j < G.hi[g]; ++j) z += std::exp(s[j - G.lo[0]] - m);
+    L[g] = m == ninf ? ninf : m + std::log(z);
+    n[g] = G.count(g);
   }
-  auto write = [&](int64_t a, int64_t e, double m, double shift) {
-    for (int64_t j = a; j < e; ++j) p[j] = m == ninf ? T(0) : static_cast<T>(std::exp(p[j] - shift));
-  };
-  write(xs, cs, m_x, m_x + lz_x - new_lp_x);
-  write(cs, n, m_c, m_c + lz_c - new_lp_c);
+  const oeb::Row rb = oeb::row_forward(L, n, sink, G.intervened, rule);
+  for (int g = 0; g < 3; ++g)
+    for (int64_t j = G.lo[g]; j < G.hi[g]; ++j)
+      p[j - lo] = static_cast<T>(std::exp(s[j - G.lo[0]] - rb.lse + rb.log_r[g]));
 }
 
 // T is the compute type: float (fp32/fp16/bf16 inputs, converted once) or double (fp64).
@@ -177,7 +162,7 @@ template <typename T>
 at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& dout, const at::Tensor& seg_ids, int64_t num_segments,
                          double scale, bool sum_abs, const at::Tensor& lse /* undefined: none */,
-                         const Oeb& oeb) {
+                         const Extras& ex) {
   const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3), Hkv = k.size(1);
   const int64_t group = H / Hkv;
   const int64_t S = num_segments;
@@ -224,8 +209,9 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
     const int64_t strip = kBlockQ * std::max<int64_t>(max_keys, 1);
     at::Tensor p_buf = at::empty({strip}, opts), g_buf = at::empty({strip}, opts);
     at::Tensor row_buf = at::empty({kBlockQ, 1}, opts), sum_buf = at::empty({kBlockQ, 1}, opts);
-    std::vector<T> acc(strip), row_fac(kBlockQ);
-    std::vector<double> log_norm(kBlockQ);  // per row: log-sum-exp of its scores (OEB exact path)
+    std::vector<T> acc(strip);
+    // Per strip row: P_j = exp(s_j - off) over its valid keys, and the row's log-sum-exp lse.
+    std::vector<double> off(kBlockQ), log_norm(kBlockQ);
     double* map_w = maps[w].data_ptr<double>();
 
     for (size_t ti; (ti = next_task.fetch_add(1)) < tasks.size();) {
@@ -256,60 +242,73 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
           const T* l = lse_p + (b * H + h) * Tn + i0;
           for (int64_t r = 0; r < nq; ++r) rv[r] = -l[r];
           at::addmm_out(P, rowv.expand({nq, nk}), qb, kt, /*beta=*/1, /*alpha=*/scale);
-          if (lay.holes && oeb.seg_start) P.add_(key_bias[b].narrow(0, lo, nk));
+          if (lay.holes && ex.bounds) P.add_(key_bias[b].narrow(0, lo, nk));
           P.exp_();
-          std::fill(row_fac.begin(), row_fac.begin() + nq, T(1));
-          for (int64_t r = 0; r < nq; ++r) log_norm[r] = l[r];
+          for (int64_t r = 0; r < nq; ++r) off[r] = log_norm[r] = l[r];
         } else {
           // The softmax of the strip itself: mask the keys after each query and padding keys,
           // then exp(s - rowmax); the 1 / rowsum factor is applied when folding into acc.
           at::addmm_out(P, P, qb, kt, /*beta=*/0, /*alpha=*/scale);
-          for (int64_t r = 0; r + 1 < nq; ++r) {
+          for (int64_t r = 0; r < nq; ++r) {
             T* row = Pp + r * nk;
             std::fill(row + (i0 + r - lo + 1), row + nk, -std::numeric_limits<T>::infinity());
+            if (ex.window > 0)  // keys before the row's sliding window
+              std::fill(row, row + std::clamp<int64_t>(i0 + r - ex.window + 1 - lo, 0, nk),
+                        -std::numeric_limits<T>::infinity());
           }
           if (lay.holes) P.add_(key_bias[b].narrow(0, lo, nk));
           at::amax_out(rowv, P, {1}, /*keepdim=*/true);
           P.sub_(rowv).exp_();
           at::sum_out(rows_sum, P, {1}, /*keepdim=*/true);
           const T* sp = rows_sum.data_ptr<T>();
-          for (int64_t r = 0; r < nq; ++r) row_fac[r] = T(1) / sp[r];
-          for (int64_t r = 0; r < nq; ++r) log_norm[r] = double(rv[r]) + std::log(double(sp[r]));
+          for (int64_t r = 0; r < nq; ++r) off[r] = double(rv[r]), log_norm[r] = off[r] + std::log(double(sp[r]));
         }
         at::mm_out(G, ob, vt);
 
-        // acc += P' * G on the causal part [0, n) of each valid query row (the rest is never
-        // binned), in three ranges: [0, xs) sinks (or the whole row without OEB), [xs, cs) X,
-        // [cs, n) C, each with its own factor.
+        // acc += P' * G on the valid keys [G.lo[0], i] of each valid query row i (the rest is
+        // never binned), group by group, each with its own factor: A'_j = P_j f_g with
+        // f_g = exp(off - lse + log r_g) (log r_g also carries the sink's share; 0 without OEB
+        // and sink).
+        const double sink = ex.sink ? ex.sink[h] : -std::numeric_limits<double>::infinity();
         for (int64_t r = 0; r < nq; ++r) {
-          if (seg_b[i0 + r] < 0) continue;
-          const int64_t n = i0 + r - lo + 1;
-          const T f = row_fac[r];
+          const int64_t i = i0 + r;
+          if (seg_b[i] < 0) continue;
           T* a = acc.data() + r * nk;
           T* p = Pp + r * nk;
           const T* gg = Gp + r * nk;
-          int64_t xs = n, cs = n;
-          T fx = f, fc = f;
-          const int64_t start = oeb.seg_start ? oeb.seg_start[b * Tn + i0 + r] : -1;
-          if (start >= 0) {
-            // Sinks: keys lo .. lo+num_sink-1; X: sink end .. start-1; C: max(start, sink end) .. i.
-            xs = std::min(oeb.num_sink, n);
-            cs = std::clamp(start - lo, xs, n);
-            const double p_x = range_sum<false>(p + xs, cs - xs), p_c = range_sum<false>(p + cs, n - cs);
-            if (cs > xs && n > cs && std::min(p_x, p_c) < kUnderflowGuard<T>) {
-              // Rare: a group's mass is not resolved by the strip; p now holds A' on X and C.
-              oeb_row_exact(p, q_p + q_off + r * D, k_p + k_off, seg_b + lo, D, scale, xs, cs, n, log_norm[r],
-                            oeb.strength);
-              fx = fc = T(1);
+          const int64_t* ab = ex.bounds ? ex.bounds + (b * Tn + i) * 2 : nullptr;
+          const oeb::Groups G = oeb::row_groups(lo, ab ? ab[0] : -1, ab ? ab[1] : -1, i, ex.window);
+          T f[3];
+          if (!G.intervened) {
+            // No rule: A' = A / (1 + sigma).
+            double L[3] = {log_norm[r], -std::numeric_limits<double>::infinity(),
+                           -std::numeric_limits<double>::infinity()};
+            const double n3[3] = {G.count(0), 0, 0};
+            const oeb::Row rb = oeb::row_forward(L, n3, sink, false, ex.rule);
+            f[0] = f[1] = f[2] = static_cast<T>(std::exp(off[r] - rb.lse + rb.log_r[0]));
+          } else {
+            double L[3], n3[3];
+            bool exact = false;
+            for (int g = 0; g < 3; ++g) {
+              n3[g] = G.count(g);
+              const double mass = range_sum<false>(p + (G.lo[g] - lo), G.hi[g] - G.lo[g]);
+              if (n3[g] > 0 && mass < kUnderflowGuard<T>) exact = true;
+              L[g] = mass > 0 ? off[r] + std::log(mass) : -std::numeric_limits<double>::infinity();
+            }
+            if (exact) {
+              // Rare: a group's mass is not resolved by the strip; p now holds A' on the groups.
+              oeb_row_exact(p, q_p + q_off + r * D, k_p + k_off, lo, D, scale, G, sink, ex.rule);
+              f[0] = f[1] = f[2] = T(1);
             } else {
-              const auto [r_c, r_x] = oeb_factors(p_c, p_x, oeb.strength);
-              fx = static_cast<T>(f * r_x), fc = static_cast<T>(f * r_c);
+              const oeb::Row rb = oeb::row_forward(L, n3, sink, true, ex.rule);
+              for (int g = 0; g < 3; ++g) f[g] = static_cast<T>(std::exp(off[r] - rb.lse + rb.log_r[g]));
             }
           }
-          if (sum_abs) {
-            fold<true>(a, p, gg, 0, xs, f), fold<true>(a, p, gg, xs, cs, fx), fold<true>(a, p, gg, cs, n, fc);
-          } else {
-            fold<false>(a, p, gg, 0, xs, f), fold<false>(a, p, gg, xs, cs, fx), fold<false>(a, p, gg, cs, n, fc);
+          for (int g = 0; g < 3; ++g) {
+            const int64_t c0 = G.lo[g] - lo, c1 = G.hi[g] - lo;
+            if (c1 <= c0) continue;
+            if (sum_abs) fold<true>(a, p, gg, c0, c1, f[g]);
+            else fold<false>(a, p, gg, c0, c1, f[g]);
           }
         }
       }
@@ -341,9 +340,10 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
 at::Tensor step_saliency_pool_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& grad_out, const at::Tensor& seg_ids, int64_t num_segments,
                                   double scale, c10::string_view head_reduction,
-                                  const std::optional<at::Tensor>& lse,
-                                  const std::optional<at::Tensor>& oeb_seg_start, double oeb_strength,
-                                  int64_t oeb_num_sink) {
+                                  const std::optional<at::Tensor>& lse, const std::optional<at::Tensor>& sink,
+                                  int64_t window, const std::optional<at::Tensor>& oeb_bounds,
+                                  c10::string_view oeb_rule, double oeb_strength, double oeb_tau_max,
+                                  double oeb_eps) {
   const std::string reduction(head_reduction);
   TORCH_CHECK(q.device().is_cpu(), "step_saliency_pool (CPU kernel): all tensors must be on the CPU, got ",
               q.device());
@@ -368,36 +368,57 @@ at::Tensor step_saliency_pool_cpu(const at::Tensor& q, const at::Tensor& k, cons
                 "step_saliency_pool: lse must have shape (", B, ", ", H, ", ", Tn, "), got ", lse->sizes());
     lse_c = lse->to(compute).contiguous();
   }
-
-  TORCH_CHECK(oeb_strength >= 0 && oeb_strength <= 1, "step_saliency_pool: oeb_strength must be in [0, 1], got ",
-              oeb_strength);
-  TORCH_CHECK(oeb_num_sink >= 0, "step_saliency_pool: oeb_num_sink must be >= 0, got ", oeb_num_sink);
-  Oeb oeb{nullptr, oeb_strength, oeb_num_sink};
-  at::Tensor oeb_start;
-  if (oeb_seg_start.has_value()) {
-    const at::Tensor& x = *oeb_seg_start;
-    TORCH_CHECK(x.device().is_cpu(), "step_saliency_pool (CPU kernel): oeb_seg_start must be on the CPU, got ",
+  Extras ex;
+  ex.rule = check_oeb_rule("step_saliency_pool", std::string(oeb_rule), oeb_strength, oeb_tau_max, oeb_eps);
+  TORCH_CHECK(window >= -1 && window != 0, "step_saliency_pool: window must be -1 (full attention) or >= 1, got ",
+              window);
+  ex.window = window;
+  check_sink("step_saliency_pool", sink, q);
+  at::Tensor sink_d;
+  if (sink.has_value()) {
+    sink_d = sink->detach().to(at::kDouble).contiguous();
+    ex.sink = sink_d.data_ptr<double>();
+    for (int64_t h = 0; h < H; ++h)
+      TORCH_CHECK(std::isfinite(ex.sink[h]), "step_saliency_pool: sink[", h, "] = ", ex.sink[h], " is not finite");
+  }
+  at::Tensor bounds_c;
+  if (oeb_bounds.has_value()) {
+    const at::Tensor& x = *oeb_bounds;
+    TORCH_CHECK(x.device().is_cpu(), "step_saliency_pool (CPU kernel): oeb_bounds must be on the CPU, got ",
                 x.device());
-    TORCH_CHECK(x.scalar_type() == at::kLong || x.scalar_type() == at::kInt,
-                "step_saliency_pool: oeb_seg_start must be int64 (or int32), got ", x.scalar_type());
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.size(1) == Tn,
-                "step_saliency_pool: oeb_seg_start must have shape (", B, ", ", Tn, "), got ", x.sizes());
-    oeb_start = x.to(at::kLong).contiguous();
-    const int64_t* s = oeb_start.data_ptr<int64_t>();
-    for (int64_t i = 0; i < B * Tn; ++i) {
-      TORCH_CHECK(s[i] >= -1 && s[i] <= i % Tn,
-                  "step_saliency_pool: oeb_seg_start must be -1 or a key position in [0, i] for query i, got ", s[i],
-                  " for query ", i % Tn, " of batch row ", i / Tn);
+    TORCH_CHECK(x.scalar_type() == at::kLong, "step_saliency_pool: oeb_bounds must be int64, got ",
+                x.scalar_type());
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == B && x.size(1) == Tn && x.size(2) == 2,
+                "step_saliency_pool: oeb_bounds must have shape (", B, ", ", Tn, ", 2), got ", x.sizes());
+    bounds_c = x.contiguous();
+    const int64_t* bd = bounds_c.data_ptr<int64_t>();
+    const int64_t* sg = seg.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      bool seen = false, after = false;
+      for (int64_t i = 0; i < Tn; ++i) {
+        const int64_t a = bd[(b * Tn + i) * 2], c = bd[(b * Tn + i) * 2 + 1];
+        TORCH_CHECK((a == -1 && c == -1) || (a >= 0 && a <= c && c <= i + 1), "step_saliency_pool: oeb_bounds[", b,
+                    ", ", i, "] = (", a, ", ", c, ") must be (-1, -1) or satisfy 0 <= a <= b <= ", i + 1);
+        // OEB counts keys by position: padding may only sit at the ends of a row.
+        if (sg[b * Tn + i] >= 0) {
+          TORCH_CHECK(!after, "step_saliency_pool: with oeb_bounds, padding (seg id -1) must be at the ends of a "
+                      "row, but batch row ", b, " has padding inside it");
+          seen = true;
+        } else if (seen) {
+          after = true;
+        }
+      }
     }
-    oeb.seg_start = s;
+    ex.bounds = bd;
   }
   // Whole tensors are converted to the compute type once (a no-op for contiguous fp32).
   const at::Tensor qc = q.to(compute).contiguous(), kc = k.to(compute).contiguous();
   const at::Tensor vc = v.to(compute).contiguous(), oc = grad_out.to(compute).contiguous();
   const bool sum_abs = reduction == "sum_abs";
   at::Tensor maps = compute == at::kDouble
-                        ? saliency_maps<double>(qc, kc, vc, oc, seg, num_segments, scale, sum_abs, lse_c, oeb)
-                        : saliency_maps<float>(qc, kc, vc, oc, seg, num_segments, scale, sum_abs, lse_c, oeb);
+                        ? saliency_maps<double>(qc, kc, vc, oc, seg, num_segments, scale, sum_abs, lse_c, ex)
+                        : saliency_maps<float>(qc, kc, vc, oc, seg, num_segments, scale, sum_abs, lse_c, ex);
+  if (reduction == "abs_mean") maps.div_(static_cast<double>(H));
   return maps.to(at::kFloat);
 }
 
