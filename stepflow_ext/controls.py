@@ -1,9 +1,12 @@
 """The two controls of StepFlow's evaluation (docs/method.md, "Controls").
 
-random-attn: in the OEB layers, the per-row change of log-odds that OEB would apply, applied
-instead between two random key groups of the sizes of OEB's groups (current step C, earlier
-context X). random-residual: in the SMI layers, on the tokens SMI would change, a random unit
-direction scaled to the relative norm gamma instead of SMI's momentum.
+random-attn: in the OEB layers, the per-row change that OEB would apply, applied instead to random
+key sets of the sizes of OEB's groups. Bridge rule (the paper's): OEB's logit shifts lambda_B and
+lambda_S go to a random set of |B| keys and the other |S| keys of B u S. Odds rule: OEB's change of
+log-odds between a random set of |C| keys and the other |X| keys of C u X.
+random-residual: in the SMI layers, on the tokens SMI would change, a random direction of the size
+of SMI's change. Value rule (the paper's): per head, a random vector of the norm of the value
+injection alpha * mean(v_W). Residual rule: gamma * |h| along a random unit direction per step.
 
 Randomness comes from a counter-based hash of integer coordinates (seed, layer, batch row,
 head, query position, key position / step, dimension), not from a generator's stream, so a
@@ -58,9 +61,10 @@ def random_group_keys(seed: int, layer: int, batch_row: int, heads, qpos, kpos) 
     return _hash32(per_query[:, :, None] ^ _hash32((kpos + 0x9E3779B9) & _M32)[None, None, :])
 
 
-def _random_rows(q, k, v, start, kv_start, strength, num_sink, scale, seed, layer, batch_row, qpos,
+def _random_rows(q, k, v, kv_start, bounds, rule, strength, tau_max, scale, seed, layer, batch_row, qpos,
                  return_weights):
-    """random-attn for the query rows `qpos` of one batch row: q (H, c, d), k, v (H_kv, Tk, d)."""
+    """random-attn for the query rows `qpos` of one batch row: q (H, c, d), k, v (H_kv, Tk, d),
+    bounds (c, 2) as oeb_attention takes them."""
     heads, c, d = q.shape
     kv_heads, tk, _ = k.shape
     group = heads // kv_heads
@@ -68,10 +72,10 @@ def _random_rows(q, k, v, start, kv_start, strength, num_sink, scale, seed, laye
     scores = torch.matmul(q.reshape(kv_heads, group * c, d), k.transpose(1, 2)).view(heads, c, tk) * scale
     kpos = torch.arange(tk, device=q.device)
     allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= kv_start)
-    sink = allowed & (kpos[None, :] < kv_start + num_sink)
-    rebalanced = (start >= 0)[:, None]
-    current = allowed & ~sink & rebalanced & (kpos[None, :] >= start[:, None])
-    context = allowed & ~sink & rebalanced & (kpos[None, :] < start[:, None])
+    a_, b_ = bounds[:, 0:1], bounds[:, 1:2]
+    on = a_ >= 0
+    g1 = allowed & on & (kpos[None, :] >= a_) & (kpos[None, :] < b_)   # bridge B / odds X
+    g2 = allowed & on & (kpos[None, :] >= torch.maximum(a_, b_))      # bridge S / odds C
 
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
@@ -79,51 +83,70 @@ def _random_rows(q, k, v, start, kv_start, strength, num_sink, scale, seed, laye
     probs = torch.exp(scores - row_max)
     total = probs.sum(dim=-1, keepdim=True)
     probs = probs / torch.where(total > 0, total, torch.ones_like(total))  # A, (H, c, Tk)
+    p_1, p_2 = (probs * g1).sum(-1), (probs * g2).sum(-1)
+    n_1 = g1.sum(-1)  # (c,)
 
-    p_c = (probs * current).sum(-1)
-    p_x = (probs * context).sum(-1)
-    locked = (p_x > 0) & (p_c > p_x)
-    # OEB's change of log-odds: log o' - log o = -lambda * log o on locked rows, else 0.
-    delta = torch.where(locked, -strength * (torch.log(torch.where(locked, p_c, 1.0))
-                                             - torch.log(torch.where(locked, p_x, 1.0))), torch.zeros_like(p_c))
+    if rule == "bridge":
+        from .reference import bridge_shifts
+
+        g0 = allowed & ~g1 & ~g2
+        lam_1, lam_2, active = bridge_shifts(probs[None], g2[None], g1[None], g0[None], tau_max)
+        lam_1, lam_2, active = lam_1[0], lam_2[0], active[0]
+    else:
+        locked = (p_1 > 0) & (p_2 > p_1)
+        # OEB's change of log-odds: log o' - log o = -lambda * log o on locked rows, else 0.
+        active = locked & (strength > 0)
+        delta = torch.where(locked, -strength * (torch.log(torch.where(locked, p_2, 1.0))
+                                                 - torch.log(torch.where(locked, p_1, 1.0))), torch.zeros_like(p_2))
     weights = probs
-    if strength > 0 and bool(locked.any()):
-        pool = current | context
+    if bool(active.any()):
+        pool = g1 | g2
         keys = random_group_keys(seed, layer, batch_row, torch.arange(heads, device=q.device), qpos, kpos)
         keys = (keys << 31) | kpos  # unique per row: ties in the hash are broken by key position
         keys = torch.where(pool, keys, torch.iinfo(torch.int64).max)
-        n_current = current.sum(-1)  # (c,)
-        threshold = keys.sort(dim=-1).values.gather(-1, (n_current - 1).clamp(min=0).expand(heads, c)[..., None])
-        g1 = pool & (keys <= threshold) & (n_current > 0)[:, None]
-        g2 = pool & ~g1
-        p_1 = (probs * g1).sum(-1)
-        p_2 = (probs * g2).sum(-1)
-        apply = (delta != 0) & (p_1 > 0) & (p_2 > 0)
-        safe_1 = torch.where(apply, p_1, torch.ones_like(p_1))
-        safe_2 = torch.where(apply, p_2, torch.ones_like(p_2))
-        new_log_odds = torch.log(safe_1) - torch.log(safe_2) + delta
-        mass = p_1 + p_2
-        r_1 = torch.where(apply, mass * torch.sigmoid(new_log_odds) / safe_1, torch.ones_like(p_1))
-        r_2 = torch.where(apply, mass * torch.sigmoid(-new_log_odds) / safe_2, torch.ones_like(p_2))
-        weights = probs * (1 + g1 * (r_1 - 1)[..., None] + g2 * (r_2 - 1)[..., None])
+        # The random stand-in for group 1 (B, or X) has |group 1| keys; the rest of the pool stands in
+        # for group 2 (S, or C).
+        size = n_1 if rule == "bridge" else g2.sum(-1)
+        threshold = keys.sort(dim=-1).values.gather(-1, (size - 1).clamp(min=0).expand(heads, c)[..., None])
+        r1 = pool & (keys <= threshold) & (size > 0)[:, None]
+        r2 = pool & ~r1
+        if rule == "bridge":
+            shift = lam_1[..., None] * r1 + lam_2[..., None] * r2
+            new = torch.exp(scores - row_max + shift).masked_fill(~allowed, 0.0)
+            new = new / new.sum(-1, keepdim=True).clamp_min(torch.finfo(new.dtype).tiny)
+            weights = torch.where(active[..., None], new, probs)
+        else:
+            # odds: G1 = r1 stands in for C (|C| keys), G2 = r2 for X; move the same log-odds.
+            q_1, q_2 = (probs * r1).sum(-1), (probs * r2).sum(-1)
+            apply = active & (q_1 > 0) & (q_2 > 0)
+            safe_1 = torch.where(apply, q_1, torch.ones_like(q_1))
+            safe_2 = torch.where(apply, q_2, torch.ones_like(q_2))
+            new_log_odds = torch.log(safe_1) - torch.log(safe_2) + delta
+            mass = q_1 + q_2
+            f_1 = torch.where(apply, mass * torch.sigmoid(new_log_odds) / safe_1, torch.ones_like(q_1))
+            f_2 = torch.where(apply, mass * torch.sigmoid(-new_log_odds) / safe_2, torch.ones_like(q_2))
+            weights = probs * (1 + r1 * (f_1 - 1)[..., None] + r2 * (f_2 - 1)[..., None])
     out = torch.matmul(weights.reshape(kv_heads, group * c, tk), v).view(heads, c, d)
     return out, (weights if return_weights else None)
 
 
-def random_group_attention(q, k, v, seg_start, kv_start, strength, num_sink, scale, seed, layer, *,
+def random_group_attention(q, k, v, kv_start, bounds, rule, strength, tau_max, scale, seed, layer, *,
                            max_elements=DEFAULT_MAX_ELEMENTS, return_weights=False):
     """The random-attn control for one layer. Returns out (B, H, Tq, d) in q's dtype (and A').
 
     Same conventions as ops.oeb_attention: q (B, H, Tq, d); k, v (B, H_kv, Tk, d); query i at key
-    position Tk - Tq + i; seg_start (B, Tq) (-1: not rebalanced); kv_start (B,). Computed in
-    PyTorch (fp32, fp64 for fp64 inputs), row by row of the batch and in chunks of query rows
-    holding at most max_elements (head, query, key) scores; no gradients (evaluation only).
-    return_weights=True also returns the rebalanced attention A' (B, H, Tq, Tk) for tests.
+    position Tk - Tq + i; kv_start (B,); bounds (B, Tq, 2) ((-1, -1): not intervened); rule
+    "bridge" (tau_max, the paper's eps) or "odds" (strength). Computed in PyTorch (fp32, fp64 for
+    fp64 inputs), row by row of the batch and in chunks of query rows holding at most max_elements
+    (head, query, key) scores; no gradients (evaluation only).
+    return_weights=True also returns the attention A' (B, H, Tq, Tk) for tests.
     """
     b, heads, tq, d = q.shape
     kv_heads, tk = k.shape[1], k.shape[2]
     if heads % kv_heads:
         raise ValueError(f"q has {heads} heads, not a multiple of the {kv_heads} kv heads")
+    if rule not in ("bridge", "odds"):
+        raise ValueError(f"rule must be 'bridge' or 'odds', got {rule!r}")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty(b, heads, tq, d, dtype=q.dtype, device=q.device)
     weights = q.new_zeros((b, heads, tq, tk), dtype=acc) if return_weights else None
@@ -134,8 +157,8 @@ def random_group_attention(q, k, v, seg_start, kv_start, strength, num_sink, sca
         k_row, v_row = k[row].to(acc), v[row].to(acc)
         for i0 in range(0, tq, chunk):
             i1 = min(tq, i0 + chunk)
-            o, w = _random_rows(q[row, :, i0:i1].to(acc), k_row, v_row, seg_start[row, i0:i1], starts[row],
-                                strength, num_sink, scale, seed, layer, row, positions[i0:i1], return_weights)
+            o, w = _random_rows(q[row, :, i0:i1].to(acc), k_row, v_row, starts[row], bounds[row, i0:i1], rule,
+                                strength, tau_max, scale, seed, layer, row, positions[i0:i1], return_weights)
             out[row, :, i0:i1] = o.to(q.dtype)
             if return_weights:
                 weights[row, :, i0:i1] = w
@@ -206,3 +229,31 @@ def random_residual(h, seg_ids, targets, gamma, seed, layer):
     delta = torch.zeros_like(x)
     delta[targets] = gamma * torch.linalg.vector_norm(picked, dim=-1, keepdim=True) * directions[inverse]
     return (x + delta).to(h.dtype)
+
+
+def random_value_injection(attn_out, value, windows, alpha, max_width, seed, layer):
+    """random-residual for SMI's value rule: where ops.smi_value would add alpha * mean_W v to head h
+    of a token, add a random vector of the same norm instead. attn_out (B, Tq, H, d), value
+    (B, H_kv, Tk, d), windows (B, Tq, 2) as ops.smi_value takes them. One direction per (seed,
+    layer, batch row, key position of the token, head), so decode and prefill draw the same."""
+    from . import ops
+
+    on = windows[..., 0] >= 0
+    if not bool(on.any()):
+        return attn_out
+    b, tq, h, d = attn_out.shape
+    zero = torch.zeros_like(attn_out)
+    change = ops.smi_value(zero, value, windows, alpha, max_width)          # alpha * mean_W v, per head
+    acc = torch.float64 if attn_out.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(change.to(acc), dim=-1, keepdim=True)  # (B, Tq, H, 1)
+    rows, cols = on.nonzero(as_tuple=True)
+    positions = value.shape[2] - tq + cols
+    heads = torch.arange(h, device=attn_out.device)
+    # one random unit vector per (row, position, head): fold position and head into the "segment"
+    # coordinate of random_directions
+    segment_code = positions[:, None] * h + heads[None, :]
+    u = random_directions(seed, layer, rows[:, None].expand(-1, h).reshape(-1), segment_code.reshape(-1), d,
+                          attn_out.device).to(acc).view(-1, h, d)
+    out = attn_out.to(acc).clone()
+    out[rows, cols] = out[rows, cols] + norms[rows, cols] * u
+    return out.to(attn_out.dtype)

@@ -504,3 +504,63 @@ class _DecodeNotDifferentiable(torch.autograd.Function):
 @torch.library.register_fake("stepflow::step_momentum_decode_")
 def _(h, seg_ids, seg_kinds, momentum, step_sum, counters, beta, gamma):
     return torch.empty_like(h)
+
+
+# --------------------------------------------------------------------------- smi_value
+#
+# SMI rule `value` (design.md 2.4) is a gather-mean-add on a few rows of the attention output, so it
+# is plain PyTorch (differentiable, any device): for the rows it targets, each head h gets
+# alpha * mean_{j in W} v[g(h), j], W the window [start, end) of at most `window` keys.
+
+
+def smi_value(attn_out, value, windows, alpha, max_width):
+    """attn_out (B, Tq, H, d) (each head's output before o_proj, as HF attention functions return it);
+    value (B, H_kv, Tk, d) (the layer's values, the KV cache included); windows (B, Tq, 2) int64 key
+    ranges [start, end) per query, at most max_width keys wide, (-1, -1) where nothing is added.
+    Returns the new attn_out.
+
+    Accumulates in fp32 (fp64 for fp64 values). Rows without a window are untouched bit for bit."""
+    _check_tensor("attn_out", attn_out, 4)
+    _check_tensor("value", value, 4)
+    b, tq, h, d = attn_out.shape
+    if value.shape[0] != b or value.shape[3] != d or value.shape[1] == 0 or h % value.shape[1]:
+        raise ValueError(f"value {tuple(value.shape)} does not fit attn_out {tuple(attn_out.shape)}: "
+                         "expected (B, H_kv, Tk, d) with H a multiple of H_kv")
+    _check_tensor("windows", windows, 3, dtypes=(torch.int64, torch.int32))
+    if tuple(windows.shape) != (b, tq, 2):
+        raise ValueError(f"windows must have shape ({b}, {tq}, 2), got {tuple(windows.shape)}")
+    alpha = float(alpha)
+    if isinstance(max_width, bool) or not isinstance(max_width, int) or max_width < 1:
+        raise ValueError(f"max_width must be a positive int, got {max_width!r}")
+    on = windows[..., 0] >= 0
+    if windows.device.type == "cpu" and bool(on.any()):
+        span = (windows[..., 1] - windows[..., 0])[on]
+        if int(span.min()) < 1 or int(span.max()) > max_width or int(windows[..., 1].max()) > value.shape[2]:
+            raise ValueError(f"windows must be (-1, -1) or 1 to {max_width} keys [start, end) inside the "
+                             f"{value.shape[2]} keys of value")
+    if tq > 16:
+        # Prefill: only a few rows (one per step) get a window; gather those alone.
+        rows, cols = on.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return attn_out
+        starts, ends = windows[rows, cols, 0], windows[rows, cols, 1]
+        idx = starts[:, None] + torch.arange(max_width, device=value.device)[None]
+        ok = idx < ends[:, None]                                               # (N, w)
+        vals = value[rows[:, None], :, idx.clamp(max=value.shape[2] - 1)]      # (N, w, H_kv, d)
+        acc = torch.float64 if value.dtype == torch.float64 else torch.float32
+        mean = (vals.to(acc) * ok[..., None, None]).sum(1) / ok.sum(1).clamp(min=1)[:, None, None]
+        add = (alpha * mean).repeat_interleave(h // value.shape[1], dim=1)     # (N, H, d)
+        out = attn_out.clone()
+        out[rows, cols] = (attn_out[rows, cols].to(acc) + add).to(attn_out.dtype)
+        return out
+    # Decode (a few rows): dense, no host synchronization.
+    max_w = max_width
+    starts, ends = windows[..., 0].clamp(min=0), windows[..., 1].clamp(min=0)
+    idx = starts[..., None] + torch.arange(max_w, device=value.device)                  # (B, Tq, w)
+    ok = (idx < ends[..., None]) & on[..., None]
+    flat = idx.clamp(max=value.shape[2] - 1).reshape(b, 1, tq * max_w, 1).expand(-1, value.shape[1], -1, d)
+    vals = value.gather(2, flat).view(b, value.shape[1], tq, max_w, d)                  # (B, H_kv, Tq, w, d)
+    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
+    mean = (vals.to(acc) * ok[:, None, :, :, None]).sum(3) / ok.sum(-1).clamp(min=1)[:, None, :, None]
+    add = (alpha * mean).repeat_interleave(h // value.shape[1], dim=1).transpose(1, 2)  # (B, Tq, H, d)
+    return torch.where(on[..., None, None], (attn_out.to(acc) + add).to(attn_out.dtype), attn_out)

@@ -285,21 +285,19 @@ def read_summary(run_dir: str) -> dict:
 def _describe(summary) -> str:
     s = summary["settings"]
     if s.get("stepflow"):
-        c = s["stepflow"]
-        config = (f"OEB {_layers(c['oeb_layers'])} λ={c['oeb_strength']:g}, "
-                  f"SMI {_layers(c['smi_layers'])} γ={c['smi_gamma']:g}")
+        import warnings
+
+        from ..config import StepFlowConfig
+
+        with warnings.catch_warnings():  # a run recorded before the paper's rules: described as it ran
+            warnings.simplefilter("ignore")
+            config = StepFlowConfig.from_dict(s["stepflow"]).describe()
         if s.get("control"):
             return f"control {s['control']} (seed {s.get('control_seed', 0)}) sized as StepFlow {config}"
         return f"StepFlow {config}"
     if s.get("completions_from"):
         return f"completions from {s['completions_from']}"
     return "baseline (no StepFlow)"
-
-
-def _layers(layers) -> str:
-    from ..cli import _span
-
-    return _span(layers)
 
 
 def compare_runs(run_dirs: list[str], names: list[str] | None = None, *, n_boot=10000, seed=0) -> dict:

@@ -1,14 +1,17 @@
 """`stepflow sweep`: choose a StepFlow config on a dev split, report it once on the test split.
 
-The grid is "FIELD=V1,V2,...;FIELD=..." over StepFlowConfig fields: oeb_strength (λ), smi_gamma (γ),
-smi_beta, num_sink (numbers) and oeb_layers, smi_layers (layer sets: "0-3" is 0,1,2,3 inclusive,
-"5" one layer, "0-1+6-7" a union, "none" no layer). Fields not in the grid come from --stepflow
-(default: StepFlowConfig.default_for(model)). Every combination runs on the dev split.
+The grid is "FIELD=V1,V2,...;FIELD=..." over StepFlowConfig fields: the paper's rules' oeb_tau_max (τ_max)
+and smi_alpha (α), smi_window (w); the earlier rules' oeb_strength (λ), num_sink, smi_gamma (γ), smi_beta;
+the rules oeb_rule (bridge, odds) and smi_rule (value, residual); and oeb_layers, smi_layers (layer sets:
+"0-3" is 0,1,2,3 inclusive, "5" one layer, "0-1+6-7" a union, "none" no layer). Fields not in the grid
+come from --stepflow (default: StepFlowConfig.default_for(model), the paper's configuration). Every
+combination runs on the dev split.
 
 The choice (stated in chosen.json): the highest dev pass@1; among configs tied on it, the smaller
-perturbation, compared in this order: total OEB strength λ × |OEB layers|, then total SMI size
-γ × |SMI layers|, then the earlier combination in grid order. The test split is only ever used
-for the baseline and the chosen config (and, with --with-controls, its two controls).
+perturbation, compared in this order: total OEB size (τ_max for bridge, λ for odds) × |OEB layers|, then
+total SMI size (α for value, γ for residual) × |SMI layers|, then the earlier combination in grid order.
+The test split is only ever used for the baseline and the chosen config (and, with --with-controls, its
+two controls).
 """
 from __future__ import annotations
 
@@ -17,9 +20,12 @@ import itertools
 import json
 import os
 
-NUMBER_FIELDS = {"oeb_strength": float, "smi_gamma": float, "smi_beta": float, "num_sink": int}
+NUMBER_FIELDS = {"oeb_tau_max": float, "smi_alpha": float, "smi_window": int, "oeb_strength": float,
+                 "smi_gamma": float, "smi_beta": float, "num_sink": int}
+CHOICE_FIELDS = {"oeb_rule": ("bridge", "odds"), "smi_rule": ("value", "residual")}
 LAYER_FIELDS = ("oeb_layers", "smi_layers")
-SHORT = {"oeb_strength": "lam", "smi_gamma": "gamma", "smi_beta": "beta", "num_sink": "sink", "oeb_layers": "oeb",
+SHORT = {"oeb_tau_max": "tau", "smi_alpha": "alpha", "smi_window": "w", "oeb_strength": "lam", "smi_gamma": "gamma",
+         "smi_beta": "beta", "num_sink": "sink", "oeb_rule": "oeb-", "smi_rule": "smi-", "oeb_layers": "oeb",
          "smi_layers": "smi"}
 
 
@@ -45,7 +51,7 @@ def parse_layers(text: str) -> tuple[int, ...]:
 def parse_grid(text: str) -> dict[str, list]:
     """"oeb_strength=0.25,0.5;oeb_layers=0-2,0-4" -> {"oeb_strength": [0.25, 0.5], "oeb_layers": [(0,1,2), ...]}."""
     if not text or not text.strip():
-        raise ValueError("empty grid; e.g. \"oeb_strength=0.25,0.5;smi_gamma=0.02,0.05\"")
+        raise ValueError("empty grid; e.g. \"oeb_tau_max=0.1,0.15,0.2;smi_alpha=0.03,0.06\"")
     grid: dict[str, list] = {}
     for part in text.split(";"):
         if not part.strip():
@@ -63,8 +69,14 @@ def parse_grid(text: str) -> dict[str, list]:
                 raise ValueError(f"{name}: values must be {NUMBER_FIELDS[name].__name__}s, got {values!r}") from None
         elif name in LAYER_FIELDS:
             parsed = [parse_layers(v) for v in values.split(",")]
+        elif name in CHOICE_FIELDS:
+            parsed = [v.strip() for v in values.split(",")]
+            bad = [v for v in parsed if v not in CHOICE_FIELDS[name]]
+            if bad:
+                raise ValueError(f"{name}: values must be among {CHOICE_FIELDS[name]}, got {bad}")
         else:
-            raise ValueError(f"unknown field {name!r}; use {', '.join(list(NUMBER_FIELDS) + list(LAYER_FIELDS))}")
+            known = list(NUMBER_FIELDS) + list(CHOICE_FIELDS) + list(LAYER_FIELDS)
+            raise ValueError(f"unknown field {name!r}; use {', '.join(known)}")
         if len(set(parsed)) != len(parsed):
             raise ValueError(f"{name} lists a value twice")
         grid[name] = parsed
@@ -82,7 +94,9 @@ class Candidate:
 
     def perturbation(self) -> tuple:
         c = self.config
-        return (c.oeb_strength * len(c.oeb_layers), c.smi_gamma * len(c.smi_layers), self.index)
+        oeb = c.oeb_tau_max if c.oeb_rule == "bridge" else c.oeb_strength
+        smi = c.smi_alpha if c.smi_rule == "value" else c.smi_gamma
+        return (oeb * len(c.oeb_layers), smi * len(c.smi_layers), self.index)
 
 
 def _value_name(value) -> str:
@@ -110,8 +124,9 @@ def expand(grid: dict, base, model) -> list[Candidate]:
     return out
 
 
-RULE = ("highest dev pass@1; ties (equal pass@1) go to the smaller perturbation: smaller λ×|OEB layers|, "
-        "then smaller γ×|SMI layers|, then the earlier grid entry")
+RULE = ("highest dev pass@1; ties (equal pass@1) go to the smaller perturbation: smaller OEB size (τ_max, or λ "
+        "for odds) × |OEB layers|, then smaller SMI size (α, or γ for residual) × |SMI layers|, then the earlier grid "
+        "entry")
 
 
 def choose(results: list[tuple[Candidate, dict]], baseline: dict | None = None) -> dict:
