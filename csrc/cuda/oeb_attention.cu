@@ -1504,8 +1504,8 @@ int64_t check_indices(const Problem& P, const Tensor& kv, const Tensor& bounds) 
     for (int64_t i = 0; i < P.Tq; ++i) {
       const int64_t a = bd[2 * (b * P.Tq + i)], c = bd[2 * (b * P.Tq + i) + 1], end = P.Tk - P.Tq + i + 1;
       TORCH_CHECK((a == -1 && c == -1) || (a >= 0 && a <= c && c <= end), "oeb_attention: bounds[", b, ", ", i,
-                  "] = (", a, ", ", c, "): each query needs (-1, -1) (not intervened) or 0 <= a <= b <= its key "
-                  "position + 1 (", end, ")");
+                  "] = (", a, ", ", c, ") must be (-1, -1) or satisfy 0 <= a <= b <= ", end,
+                  " (the query's position + 1)");
     }
     if (P.Tq > 0) {
       const int64_t lo = oeb::row_groups(kvp[b], -1, -1, P.Tk - P.Tq, window).lo[0];
@@ -1666,6 +1666,18 @@ std::optional<Tensor> sink_on(const std::optional<Tensor>& sink, const at::Devic
   return sink->to(dev);
 }
 
+// The sink logits as float64 on the device (undefined without a sink), finite as the CPU kernel
+// requires (one small device-to-host copy).
+Tensor sink_values(const char* op, const std::optional<Tensor>& sink) {
+  if (!sink.has_value()) return Tensor();
+  const Tensor s = sink->to(at::kDouble).contiguous();
+  const Tensor host = s.cpu();
+  const double* x = host.data_ptr<double>();
+  for (int64_t h = 0; h < host.numel(); ++h)
+    TORCH_CHECK(std::isfinite(x[h]), op, ": sink[", h, "] = ", x[h], " is not finite");
+  return s;
+}
+
 // float64 has no CUDA kernel: it runs the CPU kernel on host copies (exact CPU semantics; the
 // dispatcher picks the CPU kernel from the tensors' device).
 std::tuple<Tensor, Tensor, Tensor> forward_on_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kv,
@@ -1714,7 +1726,7 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_cuda(const Tensor& q_in, const 
     return forward_on_cpu(q_in, k_in, v_in, kv, bounds, rule, strength, tau_max, eps, sink, window, scale);
   check_device_and_sizes(P, q_in);
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const Tensor sink_d = sink.has_value() ? sink->to(at::kDouble).contiguous() : Tensor();
+  const Tensor sink_d = sink_values("oeb_attention", sink);
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({P.B, P.H, P.Tq}, q.options().dtype(at::kFloat));
   Tensor stats = at::empty({P.B, P.H, P.Tq, kStatFields}, q.options().dtype(at::kFloat));
@@ -1781,7 +1793,7 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_backward_cuda(const Tensor& gra
                            window, scale);
   check_device_and_sizes(P, q_in);
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), dout = grad_out.contiguous();
-  const Tensor sink_d = sink.has_value() ? sink->to(at::kDouble).contiguous() : Tensor();
+  const Tensor sink_d = sink_values("oeb_attention_backward", sink);
   Tensor dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
   if (P.B * P.H * P.Tq == 0) return {at::zeros(q.sizes(), q.options()), dk, dv};
 

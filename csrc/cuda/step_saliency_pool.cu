@@ -783,12 +783,11 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
     const at::Tensor& x = *oeb_bounds;
     TORCH_CHECK(x.device() == device, "step_saliency_pool (CUDA kernel): oeb_bounds must be on ", device, ", got ",
                 x.device());
-    TORCH_CHECK(x.scalar_type() == at::kLong || x.scalar_type() == at::kInt,
-                "step_saliency_pool: oeb_bounds must be int64 (or int32), got ", x.scalar_type());
+    TORCH_CHECK(x.scalar_type() == at::kLong, "step_saliency_pool: oeb_bounds must be int64, got ", x.scalar_type());
     TORCH_CHECK(x.dim() == 3 && x.size(0) == B && x.size(1) == Tn && x.size(2) == 2,
                 "step_saliency_pool: oeb_bounds must have shape (", B, ", ", Tn, ", 2), got ", x.sizes());
-    ob = x.to(at::kLong).contiguous();
-    if (ob.numel() > 0) {  // as oeb_attention: (-1, -1) or 0 <= a <= b <= i + 1
+    ob = x.contiguous();
+    if (ob.numel() > 0) {  // as the CPU kernel: (-1, -1) or 0 <= a <= b <= i + 1
       const at::Tensor a = ob.select(2, 0), c = ob.select(2, 1);
       const at::Tensor end = at::arange(1, Tn + 1, ob.options()).unsqueeze(0);
       const at::Tensor ok = (a.eq(-1) & c.eq(-1)) | (a.ge(0) & a.le(c) & c.le(end));
@@ -797,8 +796,19 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
         const int64_t row = where[0].item<int64_t>(), col = where[1].item<int64_t>();
         const at::Tensor bad = ob[row][col].cpu();
         TORCH_CHECK(false, "step_saliency_pool: oeb_bounds[", row, ", ", col, "] = (", bad[0].item<int64_t>(), ", ",
-                    bad[1].item<int64_t>(), "): each query needs (-1, -1) (not intervened) or 0 <= a <= b <= its "
-                    "position + 1 (", col + 1, ")");
+                    bad[1].item<int64_t>(), ") must be (-1, -1) or satisfy 0 <= a <= b <= ", col + 1);
+      }
+      // OEB counts keys by position (as oeb_attention, from the row's first valid token): padding
+      // may only sit at the ends of a row, as the CPU kernel requires.
+      const at::Tensor valid = seg_ids.ge(0);
+      const at::Tensor pos = at::arange(Tn, seg_ids.options().dtype(at::kLong)).unsqueeze(0);
+      const at::Tensor first = at::where(valid, pos, Tn).amin(1), last = at::where(valid, pos, -1).amax(1);
+      const at::Tensor count = valid.sum(1);
+      const at::Tensor inside = count.gt(0) & count.ne(last - first + 1);
+      if (inside.any().item<bool>()) {
+        const int64_t row = inside.nonzero()[0][0].item<int64_t>();
+        TORCH_CHECK(false, "step_saliency_pool: with oeb_bounds, padding (seg id -1) must be at the ends of a row, "
+                    "but batch row ", row, " has padding inside it");
       }
     }
   }
@@ -815,7 +825,14 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
   const bool stats = !lse_c.defined() || oeb;
   at::Tensor lse_buf = lse_c.defined() ? lse_c : at::empty({B, H, Tn}, q.options().dtype(acc_dtype));
   at::Tensor shift_buf = oeb ? at::empty({B, H, Tn, 3}, q.options().dtype(acc_dtype)) : at::Tensor();
-  const at::Tensor sink_c = sink.has_value() ? sink->to(acc_dtype).contiguous() : at::Tensor();
+  at::Tensor sink_c;
+  if (sink.has_value()) {  // finite, as the CPU kernel checks (one small device-to-host copy)
+    const at::Tensor host = sink->to(at::kDouble).cpu();
+    const double* x = host.data_ptr<double>();
+    for (int64_t h = 0; h < H; ++h)
+      TORCH_CHECK(std::isfinite(x[h]), "step_saliency_pool: sink[", h, "] = ", x[h], " is not finite");
+    sink_c = sink->to(acc_dtype).contiguous();
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "step_saliency_pool_cuda", [&] {
     using T = typename DeviceType<scalar_t>::type;
