@@ -153,8 +153,10 @@ def bench_oeb(device, dtype, smoke, rows):
             seg = trace_segments(tk)
             seg_start = seg.seg_start().to(device)[:, -tq:]
             kv_start = torch.zeros(1, dtype=torch.long, device=device)
+            # ours: the paper's bridge rule (the baselines below compute the odds rule's three passes)
+            bounds = sf.reference.oeb_bounds(seg.seg_ids, seg.seg_kinds_tensor(), "bridge")[:, -tq:].to(device)
             case = f"oeb {'decode KV' if is_decode else 'prefill T'}={tk} {shape}"
-            ours = measure(lambda: sf.oeb_attention(q, k, v, seg_start, kv_start, 0.5, 1), device)
+            ours = measure(lambda: sf.oeb_attention(q, k, v, kv_start, bounds, rule="bridge"), device)
             sdpa = measure(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=not is_decode,
                                                                  enable_gqa=True), device)
             bias = None

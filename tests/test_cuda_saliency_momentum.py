@@ -4,11 +4,15 @@ decode) against the float64 reference on the GPU and against the CPU kernels.
 Skipped without a CUDA device; run by scripts/gpu_check.sh (`pytest -m cuda`). Kept small: the
 reference materializes (B, H, T, T) in float64.
 
-Saliency tolerances are those of tests/test_step_saliency_pool.py: each bin within
-rtol * mag + atol * max(mag) of the reference (mag = the abs_sum map, the scale of a bin's
-rounding error), with tolerances(float32) for fp32 / bf16 / fp16 inputs (the kernel computes in
-fp32: tensor-core products of bf16 / fp16 values are exact, accumulation is fp32) and
-tolerances(float64) for fp64 inputs without an (fp32) lse. Bins without causal pairs are exactly 0.
+Saliency: the three head reductions (sum_abs, abs_sum, abs_mean = the paper's), attention sinks
+(per-head logits in the softmax denominator), sliding windows, a given lse, and OEB (A' of the
+bridge or odds rule, design.md 2.3, with bounds from reference.oeb_bounds and channel offsets that
+make rows trigger, including score gaps far beyond fp32's exp range). Tolerances are those of
+tests/test_step_saliency_pool.py: each bin within rtol * mag + atol * max(mag) of the reference
+(mag = the abs_sum map, or abs_mean's, the scale of a bin's rounding error), with
+tolerances(float32) for fp32 / bf16 / fp16 inputs (the kernel computes in fp32: tensor-core
+products of bf16 / fp16 values are exact, accumulation is fp32) and tolerances(float64) for fp64
+inputs without an (fp32) lse. Bins without causal pairs are exactly 0.
 
 step_momentum on the GPU sums in the CPU kernel's order with correctly rounded operations, so it
 is checked bit for bit against the CPU kernel (and decode chunkings against prefill), besides
@@ -31,45 +35,61 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 CUDA = "cuda"
 sal_op = torch.ops.stepflow.step_saliency_pool
-REDUCTIONS = ("sum_abs", "abs_sum")
+REDUCTIONS = ("sum_abs", "abs_sum", "abs_mean")
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+# Logit offsets per key channel (question, thinking, summary) that make OEB rows trigger: the
+# bridge (question for thinking queries, thinking for summary queries) is small.
+BRIDGE_GAPS = (-4.0, -3.0, 0.0)
 
 
 # =========================================================================== step_saliency_pool
 
 
-def sal_inputs(b, h, h_kv, t, d, dtype=torch.float32, pad="left", seg_ids=None, kinds=None, extra_segments=2):
-    """q, k, v, dO rounded to dtype (made on the CPU from the seed, then moved), seg ids, S, scale, kinds."""
+def sal_inputs(b, h, h_kv, t, d, dtype=torch.float32, pad="left", seg_ids=None, kinds=None, extra_segments=2,
+               gaps=None):
+    """q, k, v, dO rounded to dtype (made on the CPU from the seed, then moved), seg ids, S, scale, kinds.
+
+    gaps (needs kinds): logit offsets per key channel, added through coordinate 0 of q and k."""
     if seg_ids is None:
         seg_ids, kinds, used = random_seg_ids(b, t, max_segments=6, pad=pad)
     else:
         used = int(seg_ids.max()) + 1
-    q = (2 * torch.randn(b, h, t, d)).to(dtype)  # 2x: peakier softmax rows
-    k = torch.randn(b, h_kv, t, d).to(dtype)
-    v = torch.randn(b, h_kv, t, d).to(dtype)
-    dout = torch.randn(b, h, t, d).to(dtype)
-    return [x.to(CUDA) for x in (q, k, v, dout, seg_ids)], used + extra_segments, d ** -0.5, kinds
+    scale = d ** -0.5
+    q = 2 * torch.randn(b, h, t, d)  # 2x: peakier softmax rows
+    k = torch.randn(b, h_kv, t, d)
+    v = torch.randn(b, h_kv, t, d)
+    dout = torch.randn(b, h, t, d)
+    if gaps is not None:
+        channel = ref.channel_of_tokens(seg_ids, kinds)
+        offset = torch.tensor(gaps)[channel.clamp(min=0)] * (channel >= 0)
+        q[..., 0] = 4.0
+        k[..., 0] = offset[:, None, :] / (4.0 * scale)
+    return [x.to(dtype).to(CUDA) for x in (q, k, v, dout)] + [seg_ids.to(CUDA)], used + extra_segments, scale, kinds
 
 
-def ref_lse(q, k, seg_ids, scale):
-    """Row log-sum-exp over causal valid keys in float64, handed over in fp32 (as forward kernels give it)."""
-    allowed = ref.causal_valid_mask(seg_ids >= 0, q.shape[2])
+def ref_lse(q, k, seg_ids, scale, window=None):
+    """Row log-sum-exp over the causal valid keys (in the window) in float64, handed over in fp32 (as
+    forward kernels give it); no sink."""
+    allowed = ref.causal_valid_mask(seg_ids >= 0, q.shape[2], window)
     scores = scale * torch.einsum("bhid,bhjd->bhij", q.double(), ref._expand_kv(k.double(), q.shape[1]))
     return torch.logsumexp(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1).float()
 
 
-def ref_maps(q, k, v, dout, seg_ids, s, scale, reduction, **oeb):
+def ref_maps(q, k, v, dout, seg_ids, s, scale, reduction, **extra):
+    """The reference map and the magnitude map its tolerance scales with (abs_sum, or abs_mean)."""
     args = [x.double() for x in (q, k, v, dout)]
-    expected = ref.step_saliency_pool(*args, seg_ids, s, scale, reduction, **oeb)
-    mag = ref.step_saliency_pool(*args, seg_ids, s, scale, "abs_sum", **oeb)
+    extra = {key: (val.double() if key == "sink" and val is not None else val) for key, val in extra.items()}
+    expected = ref.step_saliency_pool(*args, seg_ids, s, scale, reduction, **extra)
+    mag = ref.step_saliency_pool(*args, seg_ids, s, scale, "abs_mean" if reduction == "abs_mean" else "abs_sum",
+                                 **extra)
     return expected, mag
 
 
-def assert_map_close(got, expected, mag, seg_ids, s, fp64_kernel=False):
+def assert_map_close(got, expected, mag, seg_ids, s, fp64_kernel=False, factor=1.0):
     assert got.dtype == torch.float32 and got.shape == expected.shape and got.device == expected.device
     atol, rtol = tolerances(torch.float64 if fp64_kernel else torch.float32)
     got = got.double()
-    bound = rtol * mag + atol * mag.max()
+    bound = factor * (rtol * mag + atol * mag.max())
     err = (got - expected).abs()
     worst = int((err - bound).argmax())
     assert bool((err <= bound).all()), (
@@ -79,23 +99,40 @@ def assert_map_close(got, expected, mag, seg_ids, s, fp64_kernel=False):
     assert bool((got[empty] == 0).all()), "bins without causal pairs must be exactly 0"
 
 
-def check_saliency(tensors, s, scale, reduction, with_lse, compare_cpu=False, **oeb):
+def check_saliency(tensors, s, scale, reduction, with_lse, compare_cpu=False, **extra):
+    """The op on the GPU against the float64 reference (and the CPU kernel); extra: sink, window and
+    the OEB arguments, as ops.step_saliency_pool takes them."""
     q, k, v, dout, seg_ids = tensors
-    expected, mag = ref_maps(q, k, v, dout, seg_ids, s, scale, reduction, **oeb)
+    expected, mag = ref_maps(q, k, v, dout, seg_ids, s, scale, reduction, **extra)
     assert float(expected.abs().max()) > 0  # the case is not vacuous
-    lse = ref_lse(q, k, seg_ids, scale) if with_lse else None
-    got = ops.step_saliency_pool(q, k, v, dout, seg_ids, s, scale, reduction, lse=lse, **oeb)
+    lse = ref_lse(q, k, seg_ids, scale, extra.get("window")) if with_lse else None
+    got = ops.step_saliency_pool(q, k, v, dout, seg_ids, s, scale, reduction, lse=lse, **extra)
     torch.cuda.synchronize()
-    assert_map_close(got, expected, mag, seg_ids, s, q.dtype == torch.float64 and lse is None)
+    fp64 = q.dtype == torch.float64 and lse is None
+    assert_map_close(got, expected, mag, seg_ids, s, fp64)
     if compare_cpu:  # the CPU kernel on the same inputs agrees to the same tolerance
-        cpu_oeb = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in oeb.items()}
+        cpu_extra = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in extra.items()}
         cpu = ops.step_saliency_pool(*(x.cpu() for x in tensors), s, scale, reduction,
-                                     lse=None if lse is None else lse.cpu(), **cpu_oeb)
-        assert_map_close(got.cpu(), expected.cpu(), mag.cpu(), seg_ids.cpu(), s,
-                         q.dtype == torch.float64 and lse is None)
-        atol, rtol = tolerances(torch.float32)
-        torch.testing.assert_close(got.cpu(), cpu, atol=2 * atol * float(mag.max()), rtol=2 * rtol)
+                                     lse=None if lse is None else lse.cpu(), **cpu_extra)
+        assert_map_close(cpu, expected.cpu(), mag.cpu(), seg_ids.cpu(), s, fp64)
+        assert_map_close(got.cpu(), cpu.double(), mag.cpu(), seg_ids.cpu(), s, fp64, factor=2.0)
     return got
+
+
+def oeb_kwargs(seg_ids, kinds, rule="bridge", strength=0.5, num_sink=1, tau_max=0.15):
+    bounds = ref.oeb_bounds(seg_ids.cpu(), kinds, rule, num_sink).to(CUDA)
+    return dict(oeb_bounds=bounds, oeb_rule=rule, oeb_strength=strength, oeb_tau_max=tau_max)
+
+
+def oeb_active_rows(tensors, scale, window=None, sink=None, **oeb):
+    """The number of (batch, head, query) rows the rule changes in this case (float64 reference)."""
+    q, k, v, dout, seg_ids = tensors
+    valid = seg_ids >= 0
+    t = q.shape[2]
+    kv_start = torch.where(valid.any(dim=1), valid.to(torch.int8).argmax(dim=1), t)
+    stats = ref.oeb_probs(q.double(), k.double(), kv_start, oeb["oeb_bounds"], oeb["oeb_rule"], oeb["oeb_strength"],
+                          oeb["oeb_tau_max"], 1e-6, None if sink is None else sink.double(), window, scale)[3]
+    return int((stats[..., 4] * valid[:, None]).sum())
 
 
 # (B, H, H_kv, T, d, pad): d = 64 and 128 (one tile chunk), 80 (generic: zero-padded), 16 and
@@ -109,9 +146,10 @@ SAL_SHAPES = [
 ]
 
 
-# (reduction, lse) in pairs: the lse-given path and the stats pass each meet both reductions
+# (reduction, lse) in pairs: the lse-given path and the stats pass each meet the reductions
 # across the file.
-RED_LSE = [pytest.param("sum_abs", False, id="sum_abs-no_lse"), pytest.param("abs_sum", True, id="abs_sum-lse")]
+RED_LSE = [pytest.param("sum_abs", False, id="sum_abs-no_lse"), pytest.param("abs_sum", True, id="abs_sum-lse"),
+           pytest.param("abs_mean", False, id="abs_mean-no_lse")]
 
 
 @pytest.mark.parametrize("reduction,with_lse", RED_LSE)
@@ -139,6 +177,29 @@ def test_saliency_matches_cpu_kernel(seed, dtype):
         check_saliency(tensors, s, scale, reduction, with_lse=False, compare_cpu=True)
 
 
+def test_saliency_abs_mean_is_abs_sum_over_heads(seed):
+    """abs_mean (the paper's head reduction) is abs_sum / H, with and without OEB."""
+    for h, h_kv in ((28, 4), (12, 2)):
+        tensors, s, scale, kinds = sal_inputs(2, h, h_kv, 90, 64, dtype=torch.bfloat16, gaps=BRIDGE_GAPS)
+        for extra in ({}, oeb_kwargs(tensors[4], kinds)):
+            mean = ops.step_saliency_pool(*tensors, s, scale, "abs_mean", **extra)
+            total = ops.step_saliency_pool(*tensors, s, scale, "abs_sum", **extra)
+            torch.testing.assert_close(mean * h, total, atol=1e-6 * float(total.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float64], ids=str)
+@pytest.mark.parametrize("window", [None, 1, 16, 64, 100], ids=lambda w: f"window{w}")
+def test_saliency_sink_and_window(seed, window, dtype):
+    """Attention sinks (A = exp(s - lse) / (1 + exp(sink - lse))) and sliding windows (keys j > i - w),
+    alone and together, with and without a given lse, against the reference and the CPU kernel."""
+    tensors, s, scale, _ = sal_inputs(2, 6, 2, 150, 64, dtype=dtype, pad="left")
+    sink = (2 * torch.randn(6)).to(CUDA)
+    for reduction, with_lse, extra in (("sum_abs", False, dict(sink=sink, window=window)),
+                                       ("abs_sum", True, dict(sink=sink.to(torch.bfloat16), window=window)),
+                                       ("abs_mean", True, dict(window=window))):
+        check_saliency(tensors, s, scale, reduction, with_lse, compare_cpu=True, **extra)
+
+
 # Padding inside rows, ids out of order / not contiguous, a fully padded row, one segment,
 # single valid tokens (as in tests/test_step_saliency_pool.py).
 SPECIAL_SEG_IDS = {
@@ -155,8 +216,10 @@ SPECIAL_SEG_IDS = {
 def test_saliency_special_segmentations(seed, case, with_lse):
     seg_ids = torch.tensor(SPECIAL_SEG_IDS[case], dtype=torch.long)
     tensors, s, scale, _ = sal_inputs(2, 4, 2, seg_ids.shape[1], 16, seg_ids=seg_ids)
+    sink = torch.randn(4, device=CUDA)
     for reduction in REDUCTIONS:
         check_saliency(tensors, s, scale, reduction, with_lse)
+        check_saliency(tensors, s, scale, reduction, with_lse, sink=sink, window=3)
 
 
 def test_saliency_many_segments_per_tile(seed):
@@ -213,73 +276,99 @@ def test_saliency_int32_seg_ids(seed):
 # --------------------------------------------------------------------------- saliency with OEB
 
 
-def oeb_kwargs(seg_ids, kinds, strength, num_sink):
-    seg_start = ref.seg_start_from_seg_ids(seg_ids.cpu(), kinds).to(CUDA)
-    return dict(oeb_seg_start=seg_start, oeb_strength=strength, oeb_num_sink=num_sink)
-
-
 @pytest.mark.parametrize("reduction,with_lse", [pytest.param("sum_abs", True, id="sum_abs-lse"),
-                                                pytest.param("abs_sum", False, id="abs_sum-no_lse")])
-@pytest.mark.parametrize("strength,num_sink", [(0.0, 3), (0.5, 1), (1.0, 0), (1.0, 1), (0.3, 5)],
-                         ids=lambda x: str(x))
-def test_oeb_matches_reference(seed, strength, num_sink, reduction, with_lse):
+                                                pytest.param("abs_sum", False, id="abs_sum-no_lse"),
+                                                pytest.param("abs_mean", False, id="abs_mean-no_lse")])
+@pytest.mark.parametrize("rule,strength,num_sink,tau_max", [("bridge", 0.0, 1, 0.15), ("bridge", 0.0, 1, 0.5),
+                                                            ("odds", 0.5, 1, 0.15), ("odds", 1.0, 0, 0.15),
+                                                            ("odds", 0.3, 5, 0.15)], ids=lambda x: str(x))
+def test_oeb_matches_reference(seed, rule, strength, num_sink, tau_max, reduction, with_lse):
     """GQA, rows of different lengths padded left (kv_start > 0), several query blocks, d = 64."""
     while True:
         seg_ids, kinds, _ = random_seg_ids(3, 150, max_segments=6, pad="left")
         if bool((seg_ids[:, 0] < 0).any()):
             break
-    tensors, s, scale, _ = sal_inputs(3, 6, 2, 150, 64, dtype=torch.bfloat16, seg_ids=seg_ids)
-    check_saliency(tensors, s, scale, reduction, with_lse, **oeb_kwargs(seg_ids, kinds, strength, num_sink))
+    tensors, s, scale, _ = sal_inputs(3, 6, 2, 150, 64, dtype=torch.bfloat16, seg_ids=seg_ids, kinds=kinds,
+                                      gaps=BRIDGE_GAPS if rule == "bridge" else None)
+    oeb = oeb_kwargs(seg_ids, kinds, rule, strength, num_sink, tau_max)
+    if rule == "bridge":
+        assert oeb_active_rows(tensors, scale, **oeb) > 0
+    check_saliency(tensors, s, scale, reduction, with_lse, **oeb)
 
 
 @pytest.mark.parametrize("dtype", FLOATS + [torch.float64], ids=str)
 @pytest.mark.parametrize("b,h,h_kv,t,d,pad", SAL_SHAPES)
 def test_oeb_shapes_dtypes(seed, b, h, h_kv, t, d, pad, dtype):
-    tensors, s, scale, kinds = sal_inputs(b, h, h_kv, t, d, dtype=dtype, pad=pad)
-    oeb = oeb_kwargs(tensors[4], kinds, 0.7, 2)
+    tensors, s, scale, kinds = sal_inputs(b, h, h_kv, t, d, dtype=dtype, pad=pad, gaps=BRIDGE_GAPS)
+    oeb = oeb_kwargs(tensors[4], kinds, "bridge")
     check_saliency(tensors, s, scale, "sum_abs", with_lse=False, **oeb)
     check_saliency(tensors, s, scale, "abs_sum", with_lse=True, compare_cpu=(t > 1), **oeb)
+    odds = oeb_kwargs(tensors[4], kinds, "odds", 0.7, 2)
+    check_saliency(tensors, s, scale, "abs_mean", with_lse=False, compare_cpu=(t > 1), **odds)
 
 
-@pytest.mark.parametrize("case", sorted(SPECIAL_SEG_IDS))
-def test_oeb_arbitrary_seg_start(seed, case):
-    """Any seg_start in {-1} u [0, i]: before kv_start, inside the sinks, on padding queries,
-    with padding inside the row."""
-    seg_ids = torch.tensor(SPECIAL_SEG_IDS[case], dtype=torch.long)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 1, 16, 64, 100], ids=lambda w: f"window{w}")
+def test_oeb_with_sink_and_window(seed, window, dtype):
+    """OEB (bridge) with a sink in the final softmax and sliding windows that cut the groups (late
+    rows no longer see the question), 28 / 4 heads, against the reference and the CPU kernel."""
+    tensors, s, scale, kinds = sal_inputs(2, 28, 4, 130, 64, dtype=dtype, pad="left", gaps=BRIDGE_GAPS)
+    sink = (2 * torch.randn(28)).to(CUDA)
+    oeb = oeb_kwargs(tensors[4], kinds, "bridge")
+    if window != 1:  # a 1-key window leaves no bridge: the rule never fires
+        assert oeb_active_rows(tensors, scale, window, sink, **oeb) > 0
+    for reduction, with_lse in (("sum_abs", False), ("abs_mean", True)):
+        check_saliency(tensors, s, scale, reduction, with_lse, compare_cpu=True, sink=sink, window=window, **oeb)
+
+
+def test_oeb_arbitrary_bounds(seed):
+    """Any bounds in {(-1, -1)} u {0 <= a <= b <= i + 1}: before kv_start, empty groups, a = b, on
+    padding queries (never binned), with both rules, a sink and a window."""
+    seg_ids, kinds, _ = random_seg_ids(3, 60, max_segments=6, pad="right")
     b, t = seg_ids.shape
-    seg_start = ((torch.rand(b, t) * (torch.arange(t) + 2)).long() - 1).to(CUDA)  # uniform in [-1, i]
-    tensors, s, scale, _ = sal_inputs(b, 4, 2, t, 16, seg_ids=seg_ids)
-    for reduction, with_lse in (("sum_abs", False), ("abs_sum", True)):
-        check_saliency(tensors, s, scale, reduction, with_lse, oeb_seg_start=seg_start, oeb_strength=0.8,
-                       oeb_num_sink=2)
+    i = torch.arange(t)
+    a = (torch.rand(b, t) * (i + 2)).long()             # uniform in [0, i + 1]
+    c = a + (torch.rand(b, t) * (i + 2 - a)).long()     # uniform in [a, i + 1]
+    off = torch.rand(b, t) < 0.2
+    bounds = torch.stack([torch.where(off, -1, a), torch.where(off, -1, c)], dim=-1).to(CUDA)
+    tensors, s, scale, _ = sal_inputs(b, 4, 2, t, 16, seg_ids=seg_ids, kinds=kinds)
+    sink = torch.randn(4, device=CUDA)
+    for rule, reduction, with_lse in (("bridge", "sum_abs", False), ("odds", "abs_sum", True),
+                                      ("bridge", "abs_mean", True)):
+        extra = dict(oeb_bounds=bounds, oeb_rule=rule, oeb_strength=0.8)
+        check_saliency(tensors, s, scale, reduction, with_lse, compare_cpu=True, **extra)
+        check_saliency(tensors, s, scale, reduction, with_lse, sink=sink, window=9, **extra)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_lse", [False, True], ids=["no_lse", "lse"])
-@pytest.mark.parametrize("strength", [0.5, 1.0], ids=lambda x: f"lam{x}")
-def test_oeb_large_score_gaps(seed, strength, with_lse, dtype):
+@pytest.mark.parametrize("rule", ["bridge", "odds"])
+def test_oeb_large_score_gaps(seed, rule, with_lse, dtype):
     """Score gaps far beyond fp32 exp's range (~87): whole groups underflow in exp(s - lse) while
-    the rebalance lifts them (to half the mass at lambda = 1); per-group maxima and log-domain
-    shifts must resolve them like the float64 reference."""
+    the rule lifts them (bridge: to the cap of its eps, odds at strength 1: to half the mass);
+    per-group maxima and log-domain shifts must resolve them like the float64 reference."""
     seg_ids, kinds, _ = random_seg_ids(2, 100, max_segments=6, pad="left")
-    (q, k, v, dout, seg_ids), s, scale, _ = sal_inputs(2, 4, 2, 100, 64, dtype=dtype, seg_ids=seg_ids)
-    q = (40 * q.float()).to(dtype)  # scores of std ~80
-    oeb = oeb_kwargs(seg_ids, kinds, strength, 1)
-    a = ref.attention_probs(q.double(), k.double(), scale, ref.causal_valid_mask(seg_ids >= 0, 100))
+    gaps = (-120.0, -110.0, 0.0) if rule == "bridge" else None
+    (q, k, v, dout, seg_ids), s, scale, _ = sal_inputs(2, 4, 2, 100, 64, dtype=dtype, seg_ids=seg_ids, kinds=kinds,
+                                                       gaps=gaps)
+    if rule == "odds":
+        q = (40 * q.float()).to(dtype)  # scores of std ~80
+    oeb = oeb_kwargs(seg_ids, kinds, rule, 1.0)
     valid = seg_ids >= 0
     kv_start = torch.where(valid.any(1), valid.int().argmax(1), 100)
-    _, _, current, context = ref.oeb_groups(oeb["oeb_seg_start"], kv_start, 100, 100, 1)
-    p_c, p_x = (a * current[:, None]).sum(-1), (a * context[:, None]).sum(-1)
-    assert bool(((p_x > 0) & (p_x < 1e-30) & (p_c > p_x)).any())  # the case is not vacuous
+    stats = ref.oeb_probs(q.double(), k.double(), kv_start, oeb["oeb_bounds"], rule, 1.0, 0.15, 1e-6, None, None,
+                          scale)[3]
+    on = stats[..., 4] > 0
+    assert bool((on & (stats[..., 1] > 0) & (stats[..., 1] < 1e-30)).any())  # the case is not vacuous
     for reduction in REDUCTIONS:
         check_saliency([q, k, v, dout, seg_ids], s, scale, reduction, with_lse, **oeb)
 
 
 def test_oeb_changes_the_map(seed):
-    """At lambda = 1 the map moves far beyond the tolerance, and follows the reference."""
+    """The bridge rule moves the map far beyond the tolerance, and follows the reference."""
     seg_ids, kinds, _ = random_seg_ids(2, 120, max_segments=6, pad="left")
-    tensors, s, scale, _ = sal_inputs(2, 6, 2, 120, 64, seg_ids=seg_ids)
-    oeb = oeb_kwargs(seg_ids, kinds, 1.0, 1)
+    tensors, s, scale, _ = sal_inputs(2, 6, 2, 120, 64, seg_ids=seg_ids, kinds=kinds, gaps=BRIDGE_GAPS)
+    oeb = oeb_kwargs(seg_ids, kinds, "bridge")
     plain = ops.step_saliency_pool(*tensors, s, scale)
     bridged = check_saliency(tensors, s, scale, "sum_abs", with_lse=False, **oeb)
     _, mag = ref_maps(*tensors, s, scale, "sum_abs", **oeb)
@@ -288,16 +377,30 @@ def test_oeb_changes_the_map(seed):
 
 def test_oeb_bad_args_direct():
     (q, k, v, dout, seg_ids), s, scale, _ = sal_inputs(1, 2, 1, 10, 8, seg_ids=torch.zeros(1, 10, dtype=torch.long))
-    good = torch.arange(10, device=CUDA)[None]
-    sal_op(q, k, v, dout, seg_ids, s, scale, "sum_abs", None, good, 0.5, 1)
-    with pytest.raises(RuntimeError, match="oeb_seg_start must be -1 or a key position"):
-        sal_op(q, k, v, dout, seg_ids, s, scale, "sum_abs", None, good + 1, 0.5, 1)
-    with pytest.raises(RuntimeError, match="oeb_strength"):
-        sal_op(q, k, v, dout, seg_ids, s, scale, "sum_abs", None, good, 1.5, 1)
-    with pytest.raises(RuntimeError, match="oeb_num_sink"):
-        sal_op(q, k, v, dout, seg_ids, s, scale, "sum_abs", None, good, 0.5, -1)
-    with pytest.raises(RuntimeError, match="oeb_seg_start must have shape"):
-        sal_op(q, k, v, dout, seg_ids, s, scale, "sum_abs", None, good[:, :5], 0.5, 1)
+    i = torch.arange(10, device=CUDA)
+    good = torch.stack([i, i + 1], dim=-1)[None]  # S = the query itself
+    args = (q, k, v, dout, seg_ids, s, scale, "sum_abs", None, None, -1)
+    sal_op(*args, good, "bridge", 0.5, 0.15, 1e-6)
+    with pytest.raises(RuntimeError, match="oeb_bounds"):
+        sal_op(*args, good + 1, "bridge", 0.5, 0.15, 1e-6)  # b > i + 1
+    with pytest.raises(RuntimeError, match="oeb_bounds"):
+        sal_op(*args, good.flip(-1), "bridge", 0.5, 0.15, 1e-6)  # a > b
+    with pytest.raises(RuntimeError, match="oeb_bounds must have shape"):
+        sal_op(*args, good[:, :5], "bridge", 0.5, 0.15, 1e-6)
+    with pytest.raises(RuntimeError, match="oeb_bounds must be int64"):
+        sal_op(*args, good.int(), "bridge", 0.5, 0.15, 1e-6)
+    with pytest.raises(RuntimeError, match="rule"):
+        sal_op(*args, good, "lift", 0.5, 0.15, 1e-6)
+    with pytest.raises(RuntimeError, match="strength"):
+        sal_op(*args, good, "odds", 1.5, 0.15, 1e-6)
+    with pytest.raises(RuntimeError, match="tau_max"):
+        sal_op(*args, good, "bridge", 0.5, 0.0, 1e-6)
+    with pytest.raises(RuntimeError, match="eps"):
+        sal_op(*args, good, "bridge", 0.5, 0.15, 0.0)
+    holes = seg_ids.clone()
+    holes[0, 4] = -1
+    with pytest.raises(RuntimeError, match="padding"):
+        sal_op(q, k, v, dout, holes, s, scale, "sum_abs", None, None, -1, good, "bridge", 0.5, 0.15, 1e-6)
 
 
 # --------------------------------------------------------------------------- saliency: opcheck, errors, large T
@@ -306,10 +409,12 @@ def test_oeb_bad_args_direct():
 @pytest.mark.parametrize("with_lse,with_oeb", [(False, False), (True, True)], ids=["plain", "lse-oeb"])
 def test_saliency_opcheck(seed, with_lse, with_oeb):
     seg_ids, kinds, _ = random_seg_ids(2, 23, pad="right")
-    (q, k, v, dout, seg_ids), s, scale, _ = sal_inputs(2, 4, 2, 23, 64, dtype=torch.bfloat16, seg_ids=seg_ids)
-    lse = ref_lse(q, k, seg_ids, scale) if with_lse else None
-    extra = tuple(oeb_kwargs(seg_ids, kinds, 0.5, 1).values()) if with_oeb else ()
-    torch.library.opcheck(sal_op.default, (q, k, v, dout, seg_ids, s, scale, "sum_abs", lse, *extra))
+    (q, k, v, dout, seg_ids), s, scale, _ = sal_inputs(2, 4, 2, 23, 64, dtype=torch.bfloat16, seg_ids=seg_ids,
+                                                       kinds=kinds, gaps=BRIDGE_GAPS)
+    lse = ref_lse(q, k, seg_ids, scale, 7) if with_lse else None
+    sink = torch.randn(4, device=CUDA) if with_oeb else None
+    extra = tuple(oeb_kwargs(seg_ids, kinds).values()) if with_oeb else ()
+    torch.library.opcheck(sal_op.default, (q, k, v, dout, seg_ids, s, scale, "abs_mean", lse, sink, 7, *extra))
 
 
 @pytest.mark.parametrize("change,match", [
@@ -322,12 +427,17 @@ def test_saliency_opcheck(seed, with_lse, with_oeb):
     (lambda a: a.update(lse=a["lse"].double()), "lse must be float32"),
     (lambda a: a.update(lse=a["lse"].cpu()), "lse must be on"),
     (lambda a: a.update(head_reduction="max"), "head_reduction"),
+    (lambda a: a.update(sink=torch.zeros(3, device=CUDA)), "sink"),
+    (lambda a: a.update(sink=torch.tensor([0.0, float("nan"), 0.0, 0.0], device=CUDA)), "sink"),
+    (lambda a: a.update(sink=torch.zeros(4)), "sink must be on"),
+    (lambda a: a.update(window=0), "window"),
+    (lambda a: a.update(window=-2), "window"),
 ])
 def test_saliency_bad_inputs_direct(change, match):
     (q, k, v, dout, seg_ids), s, scale, _ = sal_inputs(1, 4, 2, 10, 8, dtype=torch.float16,
                                                        seg_ids=torch.zeros(1, 10, dtype=torch.long))
     args = dict(q=q, k=k, v=v, grad_out=dout, seg_ids=seg_ids, num_segments=s, scale=scale,
-                head_reduction="sum_abs", lse=torch.zeros(1, 4, 10, device=CUDA))
+                head_reduction="sum_abs", lse=torch.zeros(1, 4, 10, device=CUDA), sink=None, window=-1)
     sal_op(*args.values())
     change(args)
     with pytest.raises(RuntimeError, match=match):
@@ -337,39 +447,45 @@ def test_saliency_bad_inputs_direct(change, match):
 def test_saliency_large_t_smoke(seed):
     """T = 8192, Qwen-like GQA head shapes, bf16: no error, finite, non-negative, causal (a
     segment never draws on a later one), and the bins partition the token map: the total of a
-    fine segmentation equals the single bin of a one-segment run (both reductions, with OEB)."""
+    fine segmentation equals the single bin of a one-segment run (every reduction, with OEB's
+    bridge rule, a sink and a window; OEB's groups come from oeb_bounds, not from seg_ids)."""
     b, h, h_kv, t, d = 1, 6, 2, 8192, 128
     lengths = [700] + [300] * 24 + [292]
-    seg_ids = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])[None].to(CUDA)
+    seg_ids = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])[None]
     kinds = torch.tensor([[QUESTION] + [STEP] * 24 + [SUMMARY]])
-    q, dout = ((2 * torch.randn(b, h, t, d, device=CUDA)).to(torch.bfloat16) for _ in range(2))
-    k, v = (torch.randn(b, h_kv, t, d, device=CUDA).to(torch.bfloat16) for _ in range(2))
-    oeb = oeb_kwargs(seg_ids, kinds, 0.5, 1)
+    (q, k, v, dout, seg_ids), _, scale, _ = sal_inputs(b, h, h_kv, t, d, torch.bfloat16, seg_ids=seg_ids,
+                                                       kinds=kinds, gaps=BRIDGE_GAPS)
+    oeb = oeb_kwargs(seg_ids, kinds)
+    sink = torch.randn(h, device=CUDA)
     for reduction in REDUCTIONS:
-        for extra in ({}, oeb):
-            fine = ops.step_saliency_pool(q, k, v, dout, seg_ids, len(lengths), d ** -0.5, reduction, **extra)
-            one = ops.step_saliency_pool(q, k, v, dout, torch.zeros_like(seg_ids), 1, d ** -0.5, reduction,
-                                         oeb_seg_start=extra.get("oeb_seg_start"), oeb_strength=0.5 if extra else 0.0)
+        for extra in ({}, oeb, dict(oeb, sink=sink, window=2048)):
+            fine = ops.step_saliency_pool(q, k, v, dout, seg_ids, len(lengths), scale, reduction, **extra)
+            one = ops.step_saliency_pool(q, k, v, dout, torch.zeros_like(seg_ids), 1, scale, reduction, **extra)
             torch.cuda.synchronize()
             assert bool(torch.isfinite(fine).all()) and bool((fine >= 0).all())
             assert bool((fine[0].triu(1) == 0).all())
             assert float(fine.sum()) > 0
-            # I_ij does not depend on the segmentation (OEB uses seg_start, not seg_ids): only the binning does
             torch.testing.assert_close(fine.double().sum(), one.double().sum(), rtol=1e-4, atol=0)
 
 
 def test_saliency_longer_t_matches_cpu(seed):
     """T = 1024 with Qwen2-1.5B head shapes (12 / 2 heads, d = 128), fp32: the CUDA kernel
-    agrees with the CPU kernel (too long for the materialized reference)."""
-    (q, k, v, dout, seg_ids), s, scale, _ = sal_inputs(1, 12, 2, 1024, 128)
+    agrees with the CPU kernel (too long for the materialized reference), also with OEB, a sink and
+    a window."""
+    (q, k, v, dout, seg_ids), s, scale, kinds = sal_inputs(1, 12, 2, 1024, 128, gaps=BRIDGE_GAPS)
     cpu_args = [x.cpu() for x in (q, k, v, dout, seg_ids)]
-    mag = ops.step_saliency_pool(*cpu_args, s, scale, "abs_sum")
-    atol, rtol = tolerances(torch.float32)
-    bound = 2 * (rtol * mag + atol * mag.max())
-    for reduction in REDUCTIONS:
-        got = ops.step_saliency_pool(q, k, v, dout, seg_ids, s, scale, reduction).cpu()
-        cpu = mag if reduction == "abs_sum" else ops.step_saliency_pool(*cpu_args, s, scale, reduction)
-        assert bool(((got - cpu).abs() <= bound).all())
+    sink = torch.randn(12)
+    oeb = oeb_kwargs(seg_ids, kinds)
+    for extra in ({}, dict(oeb, sink=sink, window=300)):
+        cpu_extra = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in extra.items()}
+        gpu_extra = {key: (val.to(CUDA) if isinstance(val, torch.Tensor) else val) for key, val in extra.items()}
+        mag = ops.step_saliency_pool(*cpu_args, s, scale, "abs_sum", **cpu_extra)
+        atol, rtol = tolerances(torch.float32)
+        bound = 2 * (rtol * mag + atol * mag.max())
+        for reduction in REDUCTIONS:
+            got = ops.step_saliency_pool(q, k, v, dout, seg_ids, s, scale, reduction, **gpu_extra).cpu()
+            cpu = ops.step_saliency_pool(*cpu_args, s, scale, reduction, **cpu_extra)
+            assert bool(((got - cpu).abs() <= bound).all()), reduction
 
 
 # =========================================================================== step_momentum

@@ -1,22 +1,41 @@
-// Odds-Equal Bridge attention on CUDA (design.md 2.3; backward: docs/method.md section 3.1).
+// Odds-Equal Bridge attention on CUDA (design.md 2.3; backward: docs/method.md section 3).
 //
 // Same semantics and checks as csrc/cpu/oeb_attention.cpp. For one query row (batch b, head h,
-// query i at key position Tk - Tq + i) the allowed keys [kv, end) split into three contiguous
-// ranges (CPU numbering): group 0 = [kv, a) never rescaled (the sinks; every key when the row is
-// not rebalanced), group 1 = [a, bnd) X, group 2 = [bnd, end) C.
+// query i at key position p = Tk - Tq + i) oeb::row_groups (csrc/include/oeb_rule.h) turns
+// (kv_start[b], bounds[b, i], window) into three contiguous key groups
+//   group 0 = [lo, a)   never rescaled   (bridge: O, the "other" channel; odds: the sinks)
+//   group 1 = [a, b)                     (bridge: B, the bridge;          odds: X, the context)
+//   group 2 = [b, p]                     (bridge: S, the query's channel; odds: C, its step)
+// with lo = max(kv_start, p - window + 1); bounds (-1, -1) = not intervened (every key in group 0).
+// The per-row arithmetic of both rules (and of an optional per-head sink logit in the final
+// softmax) is oeb::row_forward / oeb::row_backward of that header, in double, once per row: the
+// CPU and CUDA kernels share it. All a kernel adds is the group log-masses L_g, from which
+// row_forward returns log r_g with A'_j = exp(s_j - lse + log r_g) (s_j = scale q . k_j).
 //
 // Forward (flash-attention style). A CTA owns a block of "packed rows" of one (batch, kv head):
 // row r is query i = r % Tq of query head h = kv_head * G + r / Tq, so all query heads that
 // share a kv head (GQA) read each K/V tile once. K and V tiles are staged in shared memory. Per
-// row the kernel keeps three online-softmax states (running max m_g, sum l_g), one per key
-// group, so each group's log-mass L_g = m_g + log l_g is exact even when p_X underflows fp32
-// (docs/method.md 3.1.2). Accumulators U_X and U_C live in registers; the sink group (at most
-// num_sink keys, the same key range for every row of a batch entry) only keeps (m, l) in the
-// loop and its U is recomputed in the epilogue once lse is known. The epilogue is the per-row
-// rebalance
-//     out = (U_0 + r_X U_X + r_C U_C) / Z,
-// done in double from the group log-masses, with each group scaled by
-// exp(m_g + log r_g - lse) = p'_g / l_g <= 1, so nothing overflows however large r_X is.
+// row the kernel keeps three online-softmax states (running max m_s, sum l_s) and three value
+// accumulators U_s, one per accumulation slot s: an intervened row has slot s = group s; a row
+// that is not intervened has all its keys (its group 0) in slot 2, so question rows never touch
+// slot 0. Each slot has its own max, so L_g = m_s + log l_s is exact even where p_g underflows
+// fp32. The epilogue is, per row,
+//     out = sum_s exp(m_s + log r_g(s) - lse) U_s,
+// each coefficient p'_g / l_s <= 1, so nothing overflows however large r_g is.
+//
+// Group 0 of an intervened row (bridge rule: the question, for a summary query) is a key range
+// like the others, of any length and different per row, so it is accumulated like the others,
+// in the same pass over the key tiles (no second pass, no assumption about its size). Where the
+// two register accumulators of the tensor-core path already use the register file (255
+// registers at d = 128), U_0 lives in shared memory instead: in the mma.sync C-fragment layout
+// every element of U_0 belongs to exactly one thread, so it is thread-private storage that needs
+// no barrier; a tile that holds slot-0 keys of some row of the warp adds its P_0 V product (one
+// 16 x 8 C fragment at a time, 4 registers) into it. The scalar path keeps U_0 in registers.
+//
+// Sliding window: the key range of a row starts at lo = max(kv_start, p - window + 1), which
+// grows with the query. A block's tile loop runs over [lo of its first query, end of its last
+// query) and every element is masked by its row's own range, so rows of one block may have
+// different windows (and GQA blocks that span two heads cover both ends).
 //
 // Two implementations of that row kernel:
 //   - tensor cores (bf16 / fp16, d <= 128, head dim bucket 64 or 128, 16-byte aligned rows):
@@ -29,17 +48,19 @@
 //     dot products.
 //
 // Decode (few rows against a long KV cache): split-KV. Several CTAs per row block each take a
-// contiguous chunk of key tiles and write per-group partial states (m, l, U_X, U_C); a second
-// kernel merges them (one warp per row) and runs the same epilogue.
+// contiguous chunk of its key tiles and write per-slot partial states (m, l, U_0, U_1, U_2); a
+// second kernel merges them (one warp per row) and runs the same epilogue.
 //
-// Backward (docs/method.md 3.1.3.4): dS_ij = A'_ij (dP_ij - c~_g), A'_ij = exp(s_ij - shift_g),
-// shift_g = lse - log r_g. (1) The row kernel in "rows" mode recomputes the group states and,
-// in its epilogue, D_g (mean of dP_j = dO . v_j under A over group g), the rebalance and
-// (shift_g, c~_g) per row (6 floats, shift in log2 units). (2) Tensor cores: a kernel per (batch, kv head, block of
-// 64 keys) whose warps own 16 keys each and accumulate dK, dV in registers over all query
-// blocks of all query heads of the kv head (no atomics); dQ goes through fp32 atomics into a
-// (B, H, Tq, d) buffer that is cast at the end. Scalar path: the same dK / dV kernel shape with
-// 16 keys per CTA, and dQ from a separate row kernel (no atomics).
+// Backward: dS_ij = A'_ij (dP_ij - ct_g), A'_ij = exp(s_ij - shift_g), shift_g = lse - log r_g,
+// ct_g from oeb::row_backward. (1) The row kernel in "rows" mode recomputes the slot states and,
+// in its epilogue, D_g (mean of dP_j = dO . v_j under A over group g), row_forward, row_backward
+// and (shift_g, ct_g) per row (6 floats, shift in log2 units). (2) Tensor cores: a kernel per
+// (batch, kv head, block of 64 keys) whose warps own 16 keys each and accumulate dK, dV in
+// registers over the query blocks of all query heads of the kv head that reach the keys (no
+// atomics); dQ goes through fp32 atomics into a (B, H, Tq, d) buffer that is cast at the end.
+// Scalar path: the same dK / dV kernel shape with 16 keys per CTA, and dQ from a separate row
+// kernel (no atomics). The gradient of the sink logit is computed in Python (stepflow_ext/ops.py)
+// from out and stats.
 //
 // Nothing is T x T: shared memory holds tiles, global scratch is O(rows x d).
 #include <ATen/ATen.h>
@@ -58,11 +79,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "oeb_rule.h"
 
 namespace stepflow {
 namespace {
@@ -72,12 +96,12 @@ using at::Tensor;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.69314718055994530942;
-constexpr int kRowFields = 6;  // per-row backward record: shift_g (3, log2 units), c~_g (3)
+constexpr int kRowFields = 6;  // per-row backward record: shift_g (3, log2 units), ct_g (3)
 
 // Epilogue modes of the row kernel.
 constexpr int kModeOut = 0;      // write out, lse, stats
-constexpr int kModePartial = 1;  // split-KV: write per-group partial states, merged by oeb_combine_kernel
-constexpr int kModeRows = 2;     // backward pass 1: write (shift_g, c~_g) per row
+constexpr int kModePartial = 1;  // split-KV: write per-slot partial states, merged by oeb_combine_kernel
+constexpr int kModeRows = 2;     // backward pass 1: write (shift_g, ct_g) per row
 
 // ------------------------------------------------------------------------- element conversions
 
@@ -205,12 +229,6 @@ __device__ __forceinline__ float row_max(float x) {
   for (int o = 1; o < LANES; o <<= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
   return x;
 }
-__device__ __forceinline__ int warp_max(int x) {
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) x = max(x, __shfl_xor_sync(kFull, x, o));
-  return x;
-}
-
 // Cooperative copy of `rows` rows of a (.., d) row-major 16-bit tensor into a shared tile with
 // leading dimension ld and D >= d columns (tensor-core path). row_ptr(r) gives the global row or
 // nullptr; missing rows and the columns [d, D) are zero, so padded products add exact zeros
@@ -286,253 +304,177 @@ __device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
   return fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, fmaf(a.w, b.w, acc))));
 }
 
+
 // --------------------------------------------------------------------------- row geometry
 
-struct Range {
-  int kv, a, bnd, end;  // CPU groups: 0 = [kv, a), 1 = [a, bnd), 2 = [bnd, end)
-  bool reb;             // seg_start >= 0: the row may be rebalanced
-};
-
-// Query at key position pos, segment start seg (-1: not rebalanced), first valid key kv
-// (row_ranges of the CPU kernel).
-__device__ __forceinline__ Range make_range(int kv, int64_t seg, int pos, int num_sink) {
-  Range r;
-  r.kv = kv;
-  r.end = max(pos + 1, kv);
-  if (seg >= 0) {
-    r.a = kv + min(num_sink, r.end - kv);
-    r.bnd = max(r.a, seg < r.end ? static_cast<int>(seg) : r.end);
-    r.reb = true;
-  } else {
-    r.a = r.bnd = r.end;
-    r.reb = false;
-  }
-  return r;
-}
-__device__ __forceinline__ Range empty_range(int kv) { return Range{kv, kv, kv, kv, false}; }
-
-// Accumulation slots of the forward: 0 = sinks (stats only), 1 = X (U_X), 2 = C (U_C). A row
-// that is not rebalanced has r = 1 everywhere, so all its keys go to slot 2 (its group 0).
-__device__ __forceinline__ void slot_bounds(const Range& r, int lo[3], int hi[3]) {
-  lo[0] = r.kv;
-  hi[0] = lo[1] = r.reb ? r.a : r.kv;
-  hi[1] = lo[2] = r.reb ? r.bnd : r.kv;
-  hi[2] = r.end;
-}
-__device__ __forceinline__ int slot_of(const Range& r, int j) {
-  if (j < r.kv || j >= r.end) return -1;
-  if (!r.reb) return 2;
-  return j < r.a ? 0 : (j < r.bnd ? 1 : 2);
-}
-
-// ------------------------------------------------------------------ rebalance (double, per row)
-
-__device__ __forceinline__ double log_add_exp(double x, double y) {
-  if (x == -CUDART_INF) return y;
-  if (y == -CUDART_INF) return x;
-  const double m = fmax(x, y);
-  return m + log1p(exp(-fabs(x - y)));
-}
-__device__ __forceinline__ double softplus(double x) { return x > 0 ? x + log1p(exp(-x)) : log1p(exp(x)); }
-
-struct Rebalance {
-  double lse;       // log-sum-exp over all allowed keys
-  double log_r[3];  // log(p'_g / p_g); 0 for group 0 and rows not locked
-  double s;         // o' / (1 + o')
-  bool locked;
-};
-
-// From the group log-masses L (natural log, -inf for empty groups); as the CPU kernel.
-__device__ __forceinline__ Rebalance rebalance(const double L[3], double strength) {
-  Rebalance rb;
-  rb.lse = log_add_exp(log_add_exp(L[0], L[1]), L[2]);
-  rb.log_r[0] = rb.log_r[1] = rb.log_r[2] = 0.0;
-  rb.s = 0.0;
-  rb.locked = L[1] > -CUDART_INF && L[2] > L[1];  // p_X > 0 and p_C > p_X
-  if (rb.locked) {
-    const double t = (1.0 - strength) * (L[2] - L[1]);  // log o'
-    const double log_m = log_add_exp(L[1], L[2]);      // log (p_C + p_X)
-    rb.s = 1.0 / (1.0 + exp(-t));
-    rb.log_r[1] = log_m - softplus(t) - L[1];   // p'_X = M / (1 + o')
-    rb.log_r[2] = log_m - softplus(-t) - L[2];  // p'_C = M o' / (1 + o')
-  }
-  return rb;
-}
-
-// c~_g = c_g / r_g (docs/method.md 3.1.3.4) from the group means D_g and rebalanced masses pm_g.
-__device__ __forceinline__ void backward_scalars(const Rebalance& rb, const double D[3], const double pm[3],
-                                                 double strength, double ct[3]) {
-  const double delta = pm[0] * D[0] + pm[1] * D[1] + pm[2] * D[2];  // dO_i . out_i
-  ct[0] = ct[1] = ct[2] = delta;
-  if (!rb.locked) return;
-  const double s = rb.s, lam1 = 1.0 - strength, diff = D[2] - D[1];
-  const double mix = s * D[2] + (1.0 - s) * D[1];
-  const double inv_rx = exp(-rb.log_r[1]), inv_rc = exp(-rb.log_r[2]);
-  ct[1] = D[1] + (delta - mix) * inv_rx + lam1 * s * diff;
-  ct[2] = D[2] + (delta - mix) * inv_rc - lam1 * (1.0 - s) * diff;
+// The key groups of query i (key position Tk - Tq + i) of batch row b, from kv_start, bounds and
+// the window by oeb::row_groups: (x, y, z, w) with group 0 = [x, y), group 1 = [y, z), group 2 =
+// [z, w). A row that is not intervened has y = z = w (every key in group 0).
+__device__ __forceinline__ int4 group_keys(const int64_t* kv, const int64_t* bounds, int Tq, int Tk, int window,
+                                           int b, int i, bool& intervened) {
+  const int64_t* bd = bounds + (static_cast<int64_t>(b) * Tq + i) * 2;
+  const oeb::Groups G = oeb::row_groups(kv[b], bd[0], bd[1], Tk - Tq + i, window);
+  intervened = G.intervened;
+  return make_int4(static_cast<int>(G.lo[0]), static_cast<int>(G.hi[0]), static_cast<int>(G.hi[1]),
+                   static_cast<int>(G.hi[2]));
 }
 
 // ------------------------------------------------------------------------------ parameters
 
 struct FwdParams {
   const void *q, *k, *v, *dout;  // q, dout (B, H, Tq, d); k, v (B, Hkv, Tk, d); contiguous
-  const int64_t *seg, *kv;       // (B, Tq), (B,)
+  const int64_t *kv, *bounds;    // (B,), (B, Tq, 2)
+  const double* sink;            // (H,) sink logits, or nullptr
   void* out;                     // (B, H, Tq, d), q's dtype
-  float *lse, *stats;            // (B, H, Tq), (B, H, Tq, 2)
-  float* rows;                   // (B, H, Tq, 6) backward records
+  float *lse, *stats;            // (B, H, Tq), (B, H, Tq, kStatFields)
+  float* rows;                   // (B, H, Tq, kRowFields) backward records
   float* part;                   // split-KV partial states
-  int B, H, Hkv, G, Tq, Tk, d, num_sink;
+  int B, H, Hkv, G, Tq, Tk, d;
+  int window;  // <= 0: full attention
   int mode, tiles_per_split;
   int vec;  // tensor-core path: 16-byte loads allowed
   int sd;   // scalar path: shared row stride in floats
   float scale, scale_log2;
-  double strength;
+  oeb::RuleParams rule;
 };
 
+constexpr int kStatFields = 5;  // (p_0, p_1, p_2, p_sink, active)
+
+// One packed row of a forward CTA, by accumulation slot: slot s covers keys [k[s], k[s + 1]).
+// Intervened rows: slot s = group s. Rows that are not intervened: slots 0 and 1 are empty and
+// slot 2 holds every key (their group 0), so they run on the register accumulators only.
 struct RowCtx {
   bool active;  // the packed row exists
-  int b, h, hk, i;
-  Range rr;
+  bool inter;   // intervened (bounds != (-1, -1))
+  int h, i;
+  int k[4];
 };
 
-// Floats per partial record: m[3], l[3], U_X[d], U_C[d].
-__host__ __device__ __forceinline__ int64_t part_fields(int d) { return 6 + 2 * static_cast<int64_t>(d); }
+__device__ __forceinline__ RowCtx make_row(const FwdParams& p, int b, int h, int i, bool active) {
+  RowCtx c;
+  c.active = active, c.inter = false, c.h = h, c.i = i;
+  c.k[0] = c.k[1] = c.k[2] = c.k[3] = 0;
+  if (active) {
+    bool inter;
+    const int4 g = group_keys(p.kv, p.bounds, p.Tq, p.Tk, p.window, b, i, inter);
+    c.inter = inter;
+    c.k[0] = g.x;
+    c.k[1] = inter ? g.y : g.x;
+    c.k[2] = inter ? g.z : g.x;
+    c.k[3] = g.w;
+  }
+  return c;
+}
 
-// The epilogue of one row, shared by the row kernel (LANES = 4 lanes per row, as in the mma
-// layout) and the split-KV merge (LANES = 32). Every lane of the warp must call it together
-// (it shuffles); lanes of rows that do not exist pass active = false. The lanes of a row own
-// NC columns each, col_at(n) (>= d: padding). m, l: per-slot running max (log2 units of the
-// scaled scores) and sum, already summed over the row's lanes; ax, ac: U_X and U_C on the
-// owned columns (ax is overwritten; it holds the output at the end). Rows mode: u, when given,
-// holds per slot sum_j exp2(s_j - m) dP_j (the scalar path accumulates it from the same dP_j
-// as its backward kernels, in double); otherwise D_g comes from dO . U_g and the sinks loop.
-template <typename Elem, int LANES, int NC, typename ColAt>
-__device__ __forceinline__ void finish_row(const FwdParams& p, const RowCtx& rc, const float m[3], const float l[3],
-                                           float (&ax)[NC], const float (&ac)[NC], ColAt col_at,
-                                           const double* u = nullptr) {
-  const Range& rr = rc.rr;
-  const double kInf = CUDART_INF;
-  double Ls[3];
+__device__ __forceinline__ int slot_of(const RowCtx& c, int j) {
+  if (j < c.k[0] || j >= c.k[3]) return -1;
+  return j < c.k[1] ? 0 : (j < c.k[2] ? 1 : 2);
+}
+
+__device__ __forceinline__ int64_t row_index(const FwdParams& p, int b, const RowCtx& c) {
+  return (static_cast<int64_t>(b) * p.H + c.h) * p.Tq + c.i;
+}
+
+// Floats per partial record: m[3], l[3], U_0[d], U_1[d], U_2[d].
+__host__ __device__ __forceinline__ int64_t part_fields(int d) { return 6 + 3 * static_cast<int64_t>(d); }
+
+// ------------------------------------------------------------------- per-row scalars (double)
+
+struct RowScalars {
+  float coef[3];          // out = sum_s coef[s] U_s, coef[s] = exp(m_s + log r_g(s) - lse) = p'_g / l_s <= 1
+  float lse;              // log-sum-exp over the valid real keys; -inf: the row has no key
+  float st[kStatFields];  // (p_0, p_1, p_2, p_sink, active) as oeb::Row gives them
+  float rec[kRowFields];  // rows mode: shift_g = (lse - log r_g) in log2 units, ct_g
+};
+
+// The rule of one row from its slot states: m[s] the running max (log2 units of the scaled
+// logits), l[s] the sum of exp2(x - m[s]) (0: no key in the slot); rows mode: dsum[s] the sum of
+// exp2(x - m[s]) dP_j over the slot. The arithmetic is oeb_rule.h's, shared with the CPU kernel.
+__device__ __forceinline__ RowScalars row_scalars(const FwdParams& p, const RowCtx& rc, const float m[3],
+                                                  const float l[3], const double dsum[3]) {
+  const double ninf = -CUDART_INF;
+  double Ls[3];  // natural-log mass of each slot
 #pragma unroll
   for (int s = 0; s < 3; ++s)
-    Ls[s] = l[s] > 0.f ? (static_cast<double>(m[s]) + log2(static_cast<double>(l[s]))) * kLn2 : -kInf;
-  // Slots to CPU groups: a row that is not rebalanced keeps everything in its group 0.
-  const double Lg[3] = {rr.reb ? Ls[0] : Ls[2], rr.reb ? Ls[1] : -kInf, rr.reb ? Ls[2] : -kInf};
-  const Rebalance rb = rebalance(Lg, p.strength);
-  const bool has_keys = rc.active && rb.lse > -kInf;
-  const int d = p.d;
-  const int64_t row = (static_cast<int64_t>(rc.b) * p.H + rc.h) * p.Tq + rc.i;
-  const int64_t kvrow0 = (static_cast<int64_t>(rc.b) * p.Hkv + rc.hk) * p.Tk;
-  const Elem* q = static_cast<const Elem*>(p.q) + row * d;
-  const Elem* gout = static_cast<const Elem*>(p.dout) + row * d;  // only read in rows mode
-  const Elem* kb = static_cast<const Elem*>(p.k) + kvrow0 * d;
-  const Elem* vb = static_cast<const Elem*>(p.v) + kvrow0 * d;
-  const bool rows_mode = p.mode == kModeRows;
+    Ls[s] = l[s] > 0.f ? (static_cast<double>(m[s]) + log2(static_cast<double>(l[s]))) * kLn2 : ninf;
+  const bool inter = rc.inter;
+  const double L[3] = {inter ? Ls[0] : Ls[2], inter ? Ls[1] : ninf, inter ? Ls[2] : ninf};
+  const double n[3] = {static_cast<double>(inter ? rc.k[1] - rc.k[0] : rc.k[3] - rc.k[0]),
+                       static_cast<double>(inter ? rc.k[2] - rc.k[1] : 0),
+                       static_cast<double>(inter ? rc.k[3] - rc.k[2] : 0)};
+  const double sink = (p.sink != nullptr && rc.active) ? p.sink[rc.h] : ninf;
+  const oeb::Row row = oeb::row_forward(L, n, sink, inter, p.rule);
+  const bool has = rc.active && row.lse > ninf;
 
-  float dx = 0.f, dc = 0.f;  // rows mode: dO . U_X, dO . U_C
-  if (rows_mode && u == nullptr) {
+  RowScalars o;
 #pragma unroll
-    for (int n = 0; n < NC; ++n) {
-      const int col = col_at(n);
-      if (has_keys && col < d) {
-        const float g = to_f(gout[col]);
-        dx = fmaf(g, ax[n], dx);
-        dc = fmaf(g, ac[n], dc);
-      }
-    }
-    dx = row_sum<LANES>(dx);
-    dc = row_sum<LANES>(dc);
-  } else if (!rows_mode) {
-    // p'_g / l_g = exp(m_g + log r_g - lse) <= 1 (slot 2 of a row that is not rebalanced: log r = 0)
-    const float cx = (has_keys && l[1] > 0.f)
-                         ? static_cast<float>(exp(static_cast<double>(m[1]) * kLn2 + rb.log_r[1] - rb.lse))
-                         : 0.f;
-    const float cc = (has_keys && l[2] > 0.f)
-                         ? static_cast<float>(exp(static_cast<double>(m[2]) * kLn2 + rb.log_r[2] - rb.lse))
-                         : 0.f;
-#pragma unroll
-    for (int n = 0; n < NC; ++n) ax[n] = fmaf(cx, ax[n], cc * ac[n]);
+  for (int s = 0; s < 3; ++s) {
+    const double log_r = inter ? row.log_r[s] : row.log_r[0];  // slot s holds group s, or group 0
+    o.coef[s] = (has && l[s] > 0.f) ? static_cast<float>(exp(static_cast<double>(m[s]) * kLn2 + log_r - row.lse))
+                                    : 0.f;
   }
-
-  // The sink group: recompute s_j = scale q . k_j for its (few) keys now that lse is known.
-  // The trip count is the warp's maximum so that every lane takes part in the shuffles; all
-  // rows of a warp belong to one batch entry, so they share kv and the keys exist.
-  const int nsk = (has_keys && rr.reb && u == nullptr) ? rr.a - rr.kv : 0;
-  const int nmax = warp_max(nsk);
-  double u0 = 0.0;  // rows mode: sum over sinks of exp(s_j - L_0) dO . v_j = D_0
-  for (int jo = 0; jo < nmax; ++jo) {
-    const int64_t j = rr.kv + jo;
-    float dot = 0.f, dg = 0.f;
+  o.lse = has ? static_cast<float>(row.lse) : -CUDART_INF_F;
 #pragma unroll
-    for (int n = 0; n < NC; ++n) {
-      const int col = col_at(n);
-      if (has_keys && col < d) {
-        dot = fmaf(to_f(q[col]), to_f(kb[j * d + col]), dot);
-        if (rows_mode) dg = fmaf(to_f(gout[col]), to_f(vb[j * d + col]), dg);
-      }
-    }
-    dot = row_sum<LANES>(dot);
-    if (rows_mode) dg = row_sum<LANES>(dg);
-    if (jo < nsk) {
-      const double sj = static_cast<double>(dot) * p.scale;
-      if (rows_mode) {
-        u0 += exp(sj - Lg[0]) * static_cast<double>(dg);
-      } else {
-        const float w = static_cast<float>(exp(sj - rb.lse));  // A'_j = A_j for sinks
+  for (int g = 0; g < 3; ++g) o.st[g] = has ? static_cast<float>(row.p[g]) : 0.f;
+  o.st[3] = has ? static_cast<float>(row.psink) : 0.f;
+  o.st[4] = (has && row.active) ? 1.f : 0.f;
 #pragma unroll
-        for (int n = 0; n < NC; ++n) {
-          const int col = col_at(n);
-          if (col < d) ax[n] = fmaf(w, to_f(vb[j * d + col]), ax[n]);
-        }
-      }
+  for (int f = 0; f < kRowFields; ++f) o.rec[f] = 0.f;
+  if (p.mode == kModeRows && has) {
+    // D_g: the mean of dP_j under A over group g (0 for an empty group)
+    const double d0 = inter ? (l[0] > 0.f ? dsum[0] / l[0] : 0.0) : (l[2] > 0.f ? dsum[2] / l[2] : 0.0);
+    const double d1 = (inter && l[1] > 0.f) ? dsum[1] / l[1] : 0.0;
+    const double d2 = (inter && l[2] > 0.f) ? dsum[2] / l[2] : 0.0;
+    const double D[3] = {d0, d1, d2};
+    double ct[3];
+    oeb::row_backward(row, D, p.rule, ct);
+#pragma unroll
+    for (int g = 0; g < 3; ++g) {
+      o.rec[g] = static_cast<float>((row.lse - row.log_r[g]) * kLog2e);
+      o.rec[3 + g] = static_cast<float>(ct[g]);
     }
   }
+  return o;
+}
 
-  const bool leader = (threadIdx.x & (LANES - 1)) == 0;
-  if (!rows_mode) {
-    if (rc.active) {
-      Elem* o = static_cast<Elem*>(p.out) + row * d;
+// lse and stats (out mode) or the backward record (rows mode) of one row.
+__device__ __forceinline__ void store_row_scalars(const FwdParams& p, int64_t row, const RowScalars& rs) {
+  if (p.mode == kModeRows) {
 #pragma unroll
-      for (int n = 0; n < NC; ++n) {
-        const int col = col_at(n);
-        if (col < d) o[col] = from_f<Elem>(has_keys ? ax[n] : 0.f);
-      }
-      if (leader) {
-        p.lse[row] = has_keys ? static_cast<float>(rb.lse) : -CUDART_INF_F;
-        p.stats[2 * row] = has_keys ? static_cast<float>(exp(Lg[2] - rb.lse)) : 0.f;
-        p.stats[2 * row + 1] = has_keys ? static_cast<float>(exp(Lg[1] - rb.lse)) : 0.f;
-      }
-    }
-  } else if (rc.active && leader) {
-    float* rec = p.rows + row * kRowFields;
-    if (!has_keys) {
-      for (int f = 0; f < kRowFields; ++f) rec[f] = 0.f;
-    } else {
-      // slot means of dP_j = dO . v_j under A
-      const double d1 = l[1] > 0.f ? (u ? u[1] : dx) / static_cast<double>(l[1]) : 0.0;
-      const double d2 = l[2] > 0.f ? (u ? u[2] : dc) / static_cast<double>(l[2]) : 0.0;
-      if (u) u0 = l[0] > 0.f ? u[0] / static_cast<double>(l[0]) : 0.0;
-      const double D[3] = {rr.reb ? u0 : d2, rr.reb ? d1 : 0.0, rr.reb ? d2 : 0.0};
-      double pm[3], ct[3];
+    for (int f = 0; f < kRowFields; ++f) p.rows[row * kRowFields + f] = rs.rec[f];
+  } else {
+    p.lse[row] = rs.lse;
 #pragma unroll
-      for (int g = 0; g < 3; ++g) pm[g] = Lg[g] > -kInf ? exp(Lg[g] + rb.log_r[g] - rb.lse) : 0.0;
-      backward_scalars(rb, D, pm, p.strength, ct);
+    for (int f = 0; f < kStatFields; ++f) p.stats[row * kStatFields + f] = rs.st[f];
+  }
+}
+
+// The epilogue of one row whose LANES consecutive lanes each own NC columns col_at(n) (>= d:
+// padding) and hold U_s on them as u_at(s, n). Every lane of the row has computed rs.
+template <typename Elem, int LANES, int NC, typename ColAt, typename UAt>
+__device__ __forceinline__ void write_row(const FwdParams& p, int b, const RowCtx& rc, const RowScalars& rs,
+                                          ColAt col_at, UAt u_at) {
+  if (!rc.active) return;
+  const int64_t row = row_index(p, b, rc);
+  if ((threadIdx.x & (LANES - 1)) == 0) store_row_scalars(p, row, rs);
+  if (p.mode != kModeOut) return;
+  Elem* o = static_cast<Elem*>(p.out) + row * p.d;
 #pragma unroll
-      for (int g = 0; g < 3; ++g) {
-        rec[g] = static_cast<float>((rb.lse - rb.log_r[g]) * kLog2e);  // shift_g, log2 units
-        rec[3 + g] = static_cast<float>(ct[g]);
-      }
-    }
+  for (int n = 0; n < NC; ++n) {
+    const int col = col_at(n);
+    if (col < p.d) o[col] = from_f<Elem>(fmaf(rs.coef[0], u_at(0, n), fmaf(rs.coef[1], u_at(1, n), rs.coef[2] * u_at(2, n))));
   }
 }
 
 // --------------------------------------------------------------------- forward row kernels
 
 // The packed rows of a block and the keys they need. Row r of (batch, kv head) is query
-// r % Tq of head kv_head * G + r / Tq; the keys needed are [kv, kend), kend one past the
-// largest query position of the block.
+// r % Tq of head kv_head * G + r / Tq. A row's keys [lo, end) move right with its query
+// position (lo = max(kv, p - window + 1), end = max(p + 1, kv)), so the block needs
+// [lo of its first query, end of its last query); a block that spans two heads holds query 0
+// of one and query Tq - 1 of the other.
 struct BlockRows {
-  int b, hk, bk, r0, R, kvb, kend;
+  int b, hk, bk, r0, R, kstart, kend;
 };
 __device__ __forceinline__ BlockRows block_rows(const FwdParams& p, int bm) {
   BlockRows br;
@@ -541,32 +483,29 @@ __device__ __forceinline__ BlockRows block_rows(const FwdParams& p, int bm) {
   br.bk = blockIdx.x / nrb;
   br.r0 = (nrb - 1 - static_cast<int>(blockIdx.x % nrb)) * bm;  // long (late) blocks first
   br.b = br.bk / p.Hkv, br.hk = br.bk % p.Hkv;
-  br.kvb = static_cast<int>(p.kv[br.b]);
   const int r_last = min(br.r0 + bm, br.R) - 1;
-  const int i_max = (br.r0 / p.Tq == r_last / p.Tq) ? r_last % p.Tq : p.Tq - 1;
-  br.kend = max(p.Tk - p.Tq + i_max + 1, br.kvb);
+  const bool one_head = br.r0 / p.Tq == r_last / p.Tq;
+  const int i_min = one_head ? br.r0 % p.Tq : 0, i_max = one_head ? r_last % p.Tq : p.Tq - 1;
+  const int64_t kv = p.kv[br.b], off = p.Tk - p.Tq;
+  br.kstart = static_cast<int>(oeb::row_groups(kv, -1, -1, off + i_min, p.window).lo[0]);
+  br.kend = static_cast<int>(oeb::row_groups(kv, -1, -1, off + i_max, p.window).hi[0]);
   return br;
 }
 __device__ __forceinline__ RowCtx row_ctx(const FwdParams& p, const BlockRows& br, int r) {
-  RowCtx c;
-  c.active = r < br.R;
-  c.b = br.b, c.hk = br.hk;
-  c.h = br.hk * p.G + (c.active ? r / p.Tq : 0);
-  c.i = c.active ? r % p.Tq : 0;
-  c.rr = c.active ? make_range(br.kvb, p.seg[static_cast<int64_t>(br.b) * p.Tq + c.i], p.Tk - p.Tq + c.i, p.num_sink)
-                  : empty_range(br.kvb);
-  return c;
+  const bool active = r < br.R;
+  return make_row(p, br.b, br.hk * p.G + (active ? r / p.Tq : 0), active ? r % p.Tq : 0, active);
 }
-// Key tiles [t_begin, t_end) of this CTA (all of them, or its split-KV chunk).
+// Key tiles [t_begin, t_end) of this CTA (all of them, or its split-KV chunk); tile t covers
+// keys kstart + t * bn + [0, bn).
 __device__ __forceinline__ void tile_range(const FwdParams& p, const BlockRows& br, int bn, int& t_begin, int& t_end) {
-  const int ntiles = (br.kend - br.kvb + bn - 1) / bn;
+  const int ntiles = (br.kend - br.kstart + bn - 1) / bn;
   t_begin = 0, t_end = ntiles;
   if (p.mode == kModePartial) {
     t_begin = blockIdx.y * p.tiles_per_split;
     t_end = min(ntiles, t_begin + p.tiles_per_split);
   }
 }
-// Split-KV record of one row: m[3], l[3], then U_X and U_C on the columns this lane owns.
+// Split-KV record of one row: m[3], l[3], then U_0, U_1, U_2 (d floats each).
 __device__ __forceinline__ float* part_record(const FwdParams& p, const BlockRows& br, int r) {
   return p.part + ((static_cast<int64_t>(blockIdx.y) * p.B * p.Hkv + br.bk) * br.R + r) * part_fields(p.d);
 }
@@ -579,7 +518,8 @@ struct MmaFwdCfg {
   static constexpr int BN = D <= 64 ? 64 : 32;  // keys per tile (32 at D = 128 keeps two U's in registers)
   static constexpr int LD = D + 8;              // padded rows: conflict-free fragment loads
   static constexpr int kMinBlocks = 2;
-  static size_t smem(int nw) { return size_t(16 * nw + 4 * BN) * LD * 2; }  // Q, then K, V twice
+  // Q, then K and V twice (16-bit elements); then U_0, 16 rows x D fp32 per warp.
+  static size_t smem(int nw) { return size_t(16 * nw + 4 * BN) * LD * 2 + size_t(nw) * 16 * D * sizeof(float); }
 };
 
 // acc[n] += P_slot V over one K/V tile, P_slot = the tile's probabilities masked to one slot
@@ -607,6 +547,39 @@ __device__ __forceinline__ void pv_accumulate(float (&acc)[D / 8][4], const floa
   }
 }
 
+// The same product for slot 0, whose accumulator is in shared memory: u0[(4 n + e) * 32] is this
+// thread's element e of column tile n (the C-fragment layout, so it is private to the thread).
+// U_0 <- alpha U_0 + P_0 V, alpha[rho] the rescale of row half rho to the slot's new running max;
+// one 16 x 8 fragment at a time (4 accumulator registers).
+template <typename Elem, int D, int BN>
+__device__ __forceinline__ void pv_accumulate_smem(float* u0, const float (&pr)[BN / 8][4], uint32_t mask,
+                                                   const float (&alpha)[2], const Elem* sV, int ld) {
+  using O = Mma16<Elem>;
+#pragma unroll 2
+  for (int n = 0; n < D / 8; ++n) {
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kc = 0; kc < BN / 16; ++kc) {
+      float lo[4], hi[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        lo[e] = (mask >> (8 * kc + e)) & 1u ? pr[2 * kc][e] : 0.f;
+        hi[e] = (mask >> (8 * kc + 4 + e)) & 1u ? pr[2 * kc + 1][e] : 0.f;
+      }
+      typename O::A fa;
+      O::a_from_c(fa, lo, hi);
+      typename O::B fb;
+      O::load_b_kmajor(fb, sV, ld, kc * 16, n * 8);
+      O::mma(c, fa, fb);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float& x = u0[(4 * n + e) * 32];
+      x = fmaf(x, alpha[e >> 1], c[e]);
+    }
+  }
+}
+
 template <typename Elem, int D>
 __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_kernel(const FwdParams p) {
   using O = Mma16<Elem>;
@@ -614,11 +587,16 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
   constexpr int BN = Cfg::BN, LD = Cfg::LD, NTN = BN / 8, ND = D / 8;
   static_assert(NTN * 4 <= 32, "the slot masks hold one bit per score of a thread");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int BM = 16 * static_cast<int>(blockDim.x >> 5);
+  const int nw = static_cast<int>(blockDim.x >> 5);
+  const int BM = 16 * nw;
   Elem* sQ = reinterpret_cast<Elem*>(smem_raw);
   Elem* sKV = sQ + BM * LD;  // buffer b: K at sKV + 2 b BN LD, V right after it
+  float* sU0 = reinterpret_cast<float*>(sKV + 4 * BN * LD);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
+  float* u0 = sU0 + warp * 16 * D + lane;  // this thread's U_0: u0[(4 n + e) * 32]
+#pragma unroll
+  for (int x = 0; x < 4 * ND; ++x) u0[x * 32] = 0.f;
   const BlockRows br = block_rows(p, BM);
   int t_begin, t_end;
   tile_range(p, br, BN, t_begin, t_end);
@@ -638,7 +616,7 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
       },
       d, /*vec=*/true);
   auto issue_tile = [&](int tile, int buf) {
-    const int j0 = br.kvb + tile * BN;
+    const int j0 = br.kstart + tile * BN;
     Elem* sKb = sKV + 2 * buf * BN * LD;
     load_tile_async<Elem, D>(sKb, LD, BN, kbase + static_cast<int64_t>(j0) * d, kend - j0, d);
     load_tile_async<Elem, D>(sKb + BN * LD, LD, BN, vbase + static_cast<int64_t>(j0) * d, kend - j0, d);
@@ -650,15 +628,15 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
   for (int rho = 0; rho < 2; ++rho)
 #pragma unroll
     for (int s = 0; s < 3; ++s) m[rho][s] = -CUDART_INF_F, l[rho][s] = 0.f;
-  float accX[ND][4], accC[ND][4];
+  float acc1[ND][4], acc2[ND][4];  // U_1, U_2 (U_0 is in shared memory)
 #pragma unroll
   for (int n = 0; n < ND; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) accX[n][e] = accC[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc1[n][e] = acc2[n][e] = 0.f;
 
   if (t_begin < t_end) issue_tile(t_begin, 0);
   for (int tile = t_begin; tile < t_end; ++tile) {
-    const int j0 = br.kvb + tile * BN, buf = (tile - t_begin) & 1;
+    const int j0 = br.kstart + tile * BN, buf = (tile - t_begin) & 1;
     if (tile + 1 < t_end) {
       issue_tile(tile + 1, buf ^ 1);  // its buffer was released by the barrier ending the last step
       cp_async_wait<1>();             // this thread's copies of `tile` are done
@@ -672,14 +650,11 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
     // Which slots does this tile touch for any row of the warp (warp-uniform)?
     bool has[3] = {false, false, false};
 #pragma unroll
-    for (int rho = 0; rho < 2; ++rho) {
-      int lo[3], hi[3];
-      slot_bounds(rc[rho].rr, lo, hi);
+    for (int rho = 0; rho < 2; ++rho)
 #pragma unroll
-      for (int s = 0; s < 3; ++s) has[s] = has[s] || (max(lo[s], j0) < min(hi[s], j0 + BN));
-    }
+      for (int s = 0; s < 3; ++s) has[s] = has[s] || (max(rc[rho].k[s], j0) < min(rc[rho].k[s + 1], j0 + BN));
     const bool any0 = __any_sync(kFull, has[0]), any1 = __any_sync(kFull, has[1]), any2 = __any_sync(kFull, has[2]);
-    if (any0 || any1 || any2) {  // else e.g. above the causal diagonal for this warp
+    if (any0 || any1 || any2) {  // else e.g. above the causal diagonal or left of the window for this warp
       const bool any[3] = {any0, any1, any2};
 
       // S = Q K^T for the warp's 16 rows, then in log2 units of the scaled scores.
@@ -707,13 +682,14 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           sc[nt][e] *= p.scale_log2;
-          const int s = slot_of(rc[e >> 1].rr, j0 + nt * 8 + 2 * tig + (e & 1));
+          const int s = slot_of(rc[e >> 1], j0 + nt * 8 + 2 * tig + (e & 1));
           const uint32_t bit = 1u << (nt * 4 + e);
           if (s == 0) mask[0] |= bit;
           if (s == 1) mask[1] |= bit;
           if (s == 2) mask[2] |= bit;
         }
       // Online softmax per slot: new running max, rescale what was accumulated under the old one.
+      float alpha0[2] = {1.f, 1.f};  // slot 0's rescale, applied where U_0 is updated
 #pragma unroll
       for (int rho = 0; rho < 2; ++rho)
 #pragma unroll
@@ -730,16 +706,17 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
           const float alpha = m[rho][s] == -CUDART_INF_F ? 0.f : exp2f(m[rho][s] - m_new);
           m[rho][s] = m_new;
           l[rho][s] *= alpha;
+          if (s == 0) alpha0[rho] = alpha;
           if (s == 1) {
 #pragma unroll
-            for (int n = 0; n < ND; ++n) accX[n][2 * rho] *= alpha, accX[n][2 * rho + 1] *= alpha;
+            for (int n = 0; n < ND; ++n) acc1[n][2 * rho] *= alpha, acc1[n][2 * rho + 1] *= alpha;
           }
           if (s == 2) {
 #pragma unroll
-            for (int n = 0; n < ND; ++n) accC[n][2 * rho] *= alpha, accC[n][2 * rho + 1] *= alpha;
+            for (int n = 0; n < ND; ++n) acc2[n][2 * rho] *= alpha, acc2[n][2 * rho + 1] *= alpha;
           }
         }
-      // P = exp2(s - m_slot) in place (0 outside the allowed keys); per-lane partial sums.
+      // P = exp2(s - m_slot) in place (0 outside the row's keys); per-lane partial sums.
 #pragma unroll
       for (int nt = 0; nt < NTN; ++nt)
 #pragma unroll
@@ -754,9 +731,10 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
           l[rho][2] += in2 ? pv : 0.f;
           sc[nt][e] = pv;
         }
-      // U_X += P_X V, U_C += P_C V (the sinks' U is recomputed in the epilogue).
-      if (any1) pv_accumulate<Elem, D, BN>(accX, sc, mask[1], sV, LD);
-      if (any2) pv_accumulate<Elem, D, BN>(accC, sc, mask[2], sV, LD);
+      // U_s += P_s V per slot.
+      if (any0) pv_accumulate_smem<Elem, D, BN>(u0, sc, mask[0], alpha0, sV, LD);
+      if (any1) pv_accumulate<Elem, D, BN>(acc1, sc, mask[1], sV, LD);
+      if (any2) pv_accumulate<Elem, D, BN>(acc2, sc, mask[2], sV, LD);
     }
     __syncthreads();  // everyone is done with `buf` before the next step refills it
   }
@@ -765,6 +743,10 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
   for (int rho = 0; rho < 2; ++rho)
 #pragma unroll
     for (int s = 0; s < 3; ++s) l[rho][s] = row_sum<4>(l[rho][s]);
+  // U_s on this thread's element (n, 2 rho + e2): row half rho, column 8 n + 2 tig + e2.
+  auto U = [&](int s, int rho, int n, int e2) -> float {
+    return s == 0 ? u0[(4 * n + 2 * rho + e2) * 32] : (s == 1 ? acc1[n][2 * rho + e2] : acc2[n][2 * rho + e2]);
+  };
 
   if (p.mode == kModePartial) {
 #pragma unroll
@@ -781,29 +763,74 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
         for (int e2 = 0; e2 < 2; ++e2) {
           const int col = 8 * n + 2 * tig + e2;
           if (col < d) {
-            rec[6 + col] = accX[n][2 * rho + e2];
-            rec[6 + d + col] = accC[n][2 * rho + e2];
+#pragma unroll
+            for (int s = 0; s < 3; ++s) rec[6 + s * d + col] = U(s, rho, n, e2);
           }
         }
     }
     return;
   }
 
+  // Rows mode: dsum[rho][s] = sum over slot s of exp2(x - m) dP_j = dO . U_s.
+  double dsum[2][3] = {{0.0, 0.0, 0.0}, {0.0, 0.0, 0.0}};
+  if (p.mode == kModeRows) {
+#pragma unroll
+    for (int rho = 0; rho < 2; ++rho) {
+      const Elem* g = rc[rho].active ? static_cast<const Elem*>(p.dout) + row_index(p, br.b, rc[rho]) * d : nullptr;
+      float dot[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+      for (int n = 0; n < ND; ++n)
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int col = 8 * n + 2 * tig + e2;
+          if (g != nullptr && col < d) {
+            const float gv = to_f(g[col]);
+#pragma unroll
+            for (int s = 0; s < 3; ++s) dot[s] = fmaf(gv, U(s, rho, n, e2), dot[s]);
+          }
+        }
+#pragma unroll
+      for (int s = 0; s < 3; ++s) dsum[rho][s] = static_cast<double>(row_sum<4>(dot[s]));
+    }
+  }
+
+  // The per-row scalars once per row and lane pair: lanes tig = 0, 2 take row half 0, lanes
+  // 1, 3 row half 1 (one inlined copy of the double arithmetic); the coefficients then go to
+  // the other lanes of the row by shuffles.
+  const int me = tig & 1;
+  const RowCtx rme = me ? rc[1] : rc[0];
+  float mme[3], lme[3];
+  double dme[3];
+#pragma unroll
+  for (int s = 0; s < 3; ++s) {
+    mme[s] = me ? m[1][s] : m[0][s];
+    lme[s] = me ? l[1][s] : l[0][s];
+    dme[s] = me ? dsum[1][s] : dsum[0][s];
+  }
+  const RowScalars rs = row_scalars(p, rme, mme, lme, dme);
+  if (tig < 2 && rme.active) store_row_scalars(p, row_index(p, br.b, rme), rs);
+  if (p.mode != kModeOut) return;
 #pragma unroll
   for (int rho = 0; rho < 2; ++rho) {
-    float ax[D / 4], ac[D / 4];
+    const int src = (lane & ~3) | rho;
+    const float c0 = __shfl_sync(kFull, rs.coef[0], src), c1 = __shfl_sync(kFull, rs.coef[1], src),
+                c2 = __shfl_sync(kFull, rs.coef[2], src);
+    if (!rc[rho].active) continue;
+    Elem* o = static_cast<Elem*>(p.out) + row_index(p, br.b, rc[rho]) * d;
 #pragma unroll
     for (int n = 0; n < ND; ++n)
 #pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) ax[2 * n + e2] = accX[n][2 * rho + e2], ac[2 * n + e2] = accC[n][2 * rho + e2];
-    finish_row<Elem, 4, D / 4>(p, rc[rho], m[rho], l[rho], ax, ac,
-                               [&](int n) { return 8 * (n >> 1) + 2 * tig + (n & 1); });
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int col = 8 * n + 2 * tig + e2;
+        if (col < d) o[col] = from_f<Elem>(fmaf(c0, U(0, rho, n, e2), fmaf(c1, U(1, rho, n, e2), c2 * U(2, rho, n, e2))));
+      }
   }
 }
 
 // Scalar path (fp32 inputs, and any dtype with 128 < d <= 256): 128 threads, 16 packed rows per
 // CTA, 8 consecutive lanes per row. Tiles are fp32 in shared memory with row stride p.sd; lane
 // l8 of a row scores keys l8 + 8 e of a 32-key tile and owns the output columns 4 (l8 + 8 g) + c.
+// U_0, U_1, U_2 are in registers (32 columns each per lane).
 constexpr int kGenRows = 16, kGenKeys = 32, kGenKeysBwd = 16, kGenCols = 32;
 
 __device__ __forceinline__ int gen_col(int l8, int n) { return 4 * (l8 + 8 * (n >> 2)) + (n & 3); }
@@ -835,16 +862,21 @@ __device__ __forceinline__ float gen_dot(const float* a, const float* b, int d4)
   return acc;
 }
 
+// Shared memory of the scalar forward kernel, in floats: Q, dO (rows mode), K, V tiles, then the
+// tile's probabilities of each slot.
+__host__ __device__ constexpr size_t gen_fwd_smem_floats(int sd) {
+  return size_t(2 * kGenRows + 2 * kGenKeys) * sd + 3 * kGenRows * kGenKeys;
+}
+
 template <typename Elem>
 __global__ void __launch_bounds__(128) oeb_fwd_generic_kernel(const FwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int sd = p.sd, d = p.d, d4 = (d + 3) & ~3;
   float* sQ = reinterpret_cast<float*>(smem_raw);
-  float* sK = sQ + kGenRows * sd;
+  float* sG = sQ + kGenRows * sd;  // rows mode: dO
+  float* sK = sG + kGenRows * sd;
   float* sV = sK + kGenKeys * sd;
-  float* sPX = sV + kGenKeys * sd;
-  float* sPC = sPX + kGenRows * kGenKeys;
-  float* sG = sPC + kGenRows * kGenKeys;  // rows mode: dO
+  float* sP = sV + kGenKeys * sd;  // slot s: sP + s * kGenRows * kGenKeys, (row, key)
   const int rl = threadIdx.x >> 3, l8 = threadIdx.x & 7;
   const bool rows_mode = p.mode == kModeRows;
 
@@ -869,14 +901,12 @@ __global__ void __launch_bounds__(128) oeb_fwd_generic_kernel(const FwdParams p)
 
   float m[3] = {-CUDART_INF_F, -CUDART_INF_F, -CUDART_INF_F}, l[3] = {0.f, 0.f, 0.f};
   double u[3] = {0.0, 0.0, 0.0};  // rows mode: per slot sum of exp2(s - m) dP
-  float ax[kGenCols], ac[kGenCols];
+  float a0[kGenCols], a1[kGenCols], a2[kGenCols];
 #pragma unroll
-  for (int n = 0; n < kGenCols; ++n) ax[n] = ac[n] = 0.f;
-  int lo[3], hi[3];
-  slot_bounds(rc.rr, lo, hi);
+  for (int n = 0; n < kGenCols; ++n) a0[n] = a1[n] = a2[n] = 0.f;
 
   for (int tile = t_begin; tile < t_end; ++tile) {
-    const int j0 = br.kvb + tile * kGenKeys;
+    const int j0 = br.kstart + tile * kGenKeys;
     __syncthreads();
     load_rows_f32<Elem>(
         sK, sd, kGenKeys, [&](int rr) -> const Elem* { return j0 + rr < kend ? kbase + static_cast<int64_t>(j0 + rr) * d : nullptr; },
@@ -887,7 +917,7 @@ __global__ void __launch_bounds__(128) oeb_fwd_generic_kernel(const FwdParams p)
     __syncthreads();
     bool any[3];
 #pragma unroll
-    for (int s = 0; s < 3; ++s) any[s] = __any_sync(kFull, max(lo[s], j0) < min(hi[s], j0 + kGenKeys));
+    for (int s = 0; s < 3; ++s) any[s] = __any_sync(kFull, max(rc.k[s], j0) < min(rc.k[s + 1], j0 + kGenKeys));
     if (!(any[0] || any[1] || any[2])) continue;
 
     float sc[4];
@@ -895,7 +925,7 @@ __global__ void __launch_bounds__(128) oeb_fwd_generic_kernel(const FwdParams p)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       sc[e] = gen_dot(sQ + rl * sd, sK + (l8 + 8 * e) * sd, d4) * p.scale_log2;
-      code[e] = slot_of(rc.rr, j0 + l8 + 8 * e);
+      code[e] = slot_of(rc, j0 + l8 + 8 * e);
     }
 #pragma unroll
     for (int s = 0; s < 3; ++s) {
@@ -910,13 +940,17 @@ __global__ void __launch_bounds__(128) oeb_fwd_generic_kernel(const FwdParams p)
       m[s] = m_new;
       l[s] *= alpha;
       u[s] *= alpha;
+      if (s == 0) {
+#pragma unroll
+        for (int n = 0; n < kGenCols; ++n) a0[n] *= alpha;
+      }
       if (s == 1) {
 #pragma unroll
-        for (int n = 0; n < kGenCols; ++n) ax[n] *= alpha;
+        for (int n = 0; n < kGenCols; ++n) a1[n] *= alpha;
       }
       if (s == 2) {
 #pragma unroll
-        for (int n = 0; n < kGenCols; ++n) ac[n] *= alpha;
+        for (int n = 0; n < kGenCols; ++n) a2[n] *= alpha;
       }
     }
 #pragma unroll
@@ -933,18 +967,20 @@ __global__ void __launch_bounds__(128) oeb_fwd_generic_kernel(const FwdParams p)
         u[1] += code[e] == 1 ? w : 0.0;
         u[2] += code[e] == 2 ? w : 0.0;
       } else {
-        sPX[rl * kGenKeys + l8 + 8 * e] = code[e] == 1 ? pv : 0.f;
-        sPC[rl * kGenKeys + l8 + 8 * e] = code[e] == 2 ? pv : 0.f;
+#pragma unroll
+        for (int s = 0; s < 3; ++s) sP[(s * kGenRows + rl) * kGenKeys + l8 + 8 * e] = code[e] == s ? pv : 0.f;
       }
     }
     if (rows_mode) continue;  // the rows pass needs no P V
     __syncwarp();  // a row's probabilities are written and read by its own 8 lanes
-    if (any[1]) gen_pv(ax, sPX + rl * kGenKeys, sV, sd, l8, d4);
-    if (any[2]) gen_pv(ac, sPC + rl * kGenKeys, sV, sd, l8, d4);
+    if (any[0]) gen_pv(a0, sP + (0 * kGenRows + rl) * kGenKeys, sV, sd, l8, d4);
+    if (any[1]) gen_pv(a1, sP + (1 * kGenRows + rl) * kGenKeys, sV, sd, l8, d4);
+    if (any[2]) gen_pv(a2, sP + (2 * kGenRows + rl) * kGenKeys, sV, sd, l8, d4);
   }
 
 #pragma unroll
   for (int s = 0; s < 3; ++s) l[s] = row_sum<8>(l[s]);
+  auto u_at = [&](int s, int n) { return s == 0 ? a0[n] : (s == 1 ? a1[n] : a2[n]); };
   if (p.mode == kModePartial) {
     if (rc.active) {
       float* rec = part_record(p, br, br.r0 + rl);
@@ -955,14 +991,18 @@ __global__ void __launch_bounds__(128) oeb_fwd_generic_kernel(const FwdParams p)
 #pragma unroll
       for (int n = 0; n < kGenCols; ++n) {
         const int col = gen_col(l8, n);
-        if (col < d) rec[6 + col] = ax[n], rec[6 + d + col] = ac[n];
+        if (col < d) {
+#pragma unroll
+          for (int s = 0; s < 3; ++s) rec[6 + s * d + col] = u_at(s, n);
+        }
       }
     }
     return;
   }
 #pragma unroll
   for (int s = 0; s < 3; ++s) u[s] = row_sum<8>(u[s]);
-  finish_row<Elem, 8, kGenCols>(p, rc, m, l, ax, ac, [&](int n) { return gen_col(l8, n); }, rows_mode ? u : nullptr);
+  const RowScalars rs = row_scalars(p, rc, m, l, u);
+  write_row<Elem, 8, kGenCols>(p, br.b, rc, rs, [&](int n) { return gen_col(l8, n); }, u_at);
 }
 
 // Split-KV merge: one warp per packed row; lane owns columns lane + 32 n (d <= 256).
@@ -973,12 +1013,8 @@ __global__ void __launch_bounds__(128) oeb_combine_kernel(const FwdParams p, int
   const int64_t grow = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (grow >= static_cast<int64_t>(p.B) * p.Hkv * R) return;  // whole warp
   const int bk = static_cast<int>(grow / R), r = static_cast<int>(grow % R);
-  RowCtx rc;
-  rc.active = true;
-  rc.b = bk / p.Hkv, rc.hk = bk % p.Hkv;
-  rc.h = rc.hk * p.G + r / p.Tq, rc.i = r % p.Tq;
-  const int kvb = static_cast<int>(p.kv[rc.b]);
-  rc.rr = make_range(kvb, p.seg[static_cast<int64_t>(rc.b) * p.Tq + rc.i], p.Tk - p.Tq + rc.i, p.num_sink);
+  const int b = bk / p.Hkv, hk = bk % p.Hkv;
+  const RowCtx rc = make_row(p, b, hk * p.G + r / p.Tq, r % p.Tq, true);
 
   const int64_t pf = part_fields(p.d), stride = static_cast<int64_t>(p.B) * p.Hkv * R * pf;
   const float* base = p.part + (static_cast<int64_t>(bk) * R + r) * pf;
@@ -989,9 +1025,9 @@ __global__ void __launch_bounds__(128) oeb_combine_kernel(const FwdParams p, int
     for (int s = 0; s < 3; ++s)
       if (rec[3 + s] > 0.f) M[s] = fmaxf(M[s], rec[s]);
   }
-  float ax[8], ac[8];
+  float a0[8], a1[8], a2[8];
 #pragma unroll
-  for (int n = 0; n < 8; ++n) ax[n] = ac[n] = 0.f;
+  for (int n = 0; n < 8; ++n) a0[n] = a1[n] = a2[n] = 0.f;
   for (int sp = 0; sp < num_splits; ++sp) {
     const float* rec = base + sp * stride;
     float w[3];
@@ -1004,40 +1040,42 @@ __global__ void __launch_bounds__(128) oeb_combine_kernel(const FwdParams p, int
     for (int n = 0; n < 8; ++n) {
       const int col = lane + 32 * n;
       if (col < p.d) {
-        if (w[1] > 0.f) ax[n] = fmaf(w[1], rec[6 + col], ax[n]);
-        if (w[2] > 0.f) ac[n] = fmaf(w[2], rec[6 + p.d + col], ac[n]);
+        if (w[0] > 0.f) a0[n] = fmaf(w[0], rec[6 + col], a0[n]);
+        if (w[1] > 0.f) a1[n] = fmaf(w[1], rec[6 + p.d + col], a1[n]);
+        if (w[2] > 0.f) a2[n] = fmaf(w[2], rec[6 + 2 * p.d + col], a2[n]);
       }
     }
   }
-  finish_row<Elem, 32, 8>(p, rc, M, L, ax, ac, [&](int n) { return lane + 32 * n; });
+  const double no_dsum[3] = {0.0, 0.0, 0.0};
+  const RowScalars rs = row_scalars(p, rc, M, L, no_dsum);
+  write_row<Elem, 32, 8>(p, b, rc, rs, [&](int n) { return lane + 32 * n; },
+                         [&](int s, int n) { return s == 0 ? a0[n] : (s == 1 ? a1[n] : a2[n]); });
 }
-
 // ------------------------------------------------------------------------- backward kernels
 
 struct BwdParams {
   const void *q, *k, *v, *dout;  // as FwdParams
-  const int64_t *seg, *kv;
+  const int64_t *kv, *bounds;    // (B,), (B, Tq, 2)
   const float* rows;             // (B, H, Tq, 6) from the rows pass
   float* dq_acc;                 // tensor-core path: (B, H, Tq, d) fp32, zero on entry, atomics
   void* dq;                      // scalar path: (B, H, Tq, d) in q's dtype, written by oeb_bwd_q_generic_kernel
   void *dk, *dv;                 // (B, Hkv, Tk, d), zero on entry
-  int B, H, Hkv, G, Tq, Tk, d, num_sink;
+  int B, H, Hkv, G, Tq, Tk, d, window;
   int vec, sd;
   float scale, scale_log2;
 };
 
-// The per-query backward scalars of a step, staged in shared memory: key range (kv, a, bnd,
-// end) in CPU groups, shift_g in log2 units and c~_g (4 slots each, the 4th unused).
+// The per-query backward scalars of a step, staged in shared memory: the key groups (x, y, z, w)
+// of group_keys, shift_g in log2 units and ct_g (4 slots each, the 4th unused).
 __device__ __forceinline__ void stage_row_scalars(const BwdParams& p, int b, int64_t bh, int i0, int nq, int4* sRg,
                                                   float* sSh, float* sCt) {
-  const int kvb = static_cast<int>(p.kv[b]);
   for (int rr = threadIdx.x; rr < nq; rr += blockDim.x) {
     const int i = i0 + rr;
-    int4 rg = make_int4(kvb, kvb, kvb, kvb);  // no keys
+    int4 rg = make_int4(0, 0, 0, 0);  // no keys
     float sh[3] = {0.f, 0.f, 0.f}, ct[3] = {0.f, 0.f, 0.f};
     if (i < p.Tq) {
-      const Range x = make_range(kvb, p.seg[static_cast<int64_t>(b) * p.Tq + i], p.Tk - p.Tq + i, p.num_sink);
-      rg = make_int4(x.kv, x.a, x.bnd, x.end);
+      bool inter;
+      rg = group_keys(p.kv, p.bounds, p.Tq, p.Tk, p.window, b, i, inter);
       const float* rec = p.rows + (bh * p.Tq + i) * kRowFields;
 #pragma unroll
       for (int g = 0; g < 3; ++g) sh[g] = rec[g], ct[g] = rec[3 + g];
@@ -1048,14 +1086,22 @@ __device__ __forceinline__ void stage_row_scalars(const BwdParams& p, int b, int
   }
 }
 
+// Queries [i_lo, i_hi) that can reach some key of [j0, j1): causally p_i >= j0 and, with a window
+// w, lo_i = p_i - w + 1 <= j1 - 1 (p_i = Tk - Tq + i). The others have A' = 0 on these keys.
+__device__ __forceinline__ void query_range(const BwdParams& p, int j0, int j1, int& i_lo, int& i_hi) {
+  const int off = p.Tk - p.Tq;
+  i_lo = max(0, j0 - off);
+  i_hi = p.window > 0 ? min(p.Tq, j1 - 1 + p.window - off) : p.Tq;
+}
+
 // Three per-group scalars held in registers (a select, not a runtime-indexed local array).
 struct Three {
   float v[3];
   __device__ __forceinline__ float operator[](int g) const { return g == 0 ? v[0] : (g == 1 ? v[1] : v[2]); }
 };
 
-// A' = exp(s - shift_g) and dS = A' (dP - c~_g) for key j of a query with key range rg and
-// per-group shift (log2 units) and c~ (s in raw units).
+// A' = exp(s - shift_g) and dS = A' (dP - ct_g) for key j of a query with key groups rg and
+// per-group shift (log2 units) and ct (s in raw units).
 template <typename Vals>
 __device__ __forceinline__ void adjoint(const BwdParams& p, int j, int4 rg, const Vals& sh, const Vals& ct, float s,
                                         float dp, float& a, float& ds) {
@@ -1099,8 +1145,9 @@ __global__ void __launch_bounds__(128) oeb_bwd_mma_kernel(const BwdParams p) {
   const int bk = blockIdx.x / nkb, j0 = static_cast<int>(blockIdx.x % nkb) * BN;
   const int b = bk / p.Hkv, hk = bk % p.Hkv;
   const int kvb = static_cast<int>(p.kv[b]);
-  const int i_lo = max(0, j0 - (p.Tk - p.Tq));  // first query that reaches the block
-  if (j0 + BN <= kvb || i_lo >= p.Tq) return;    // padding keys only, or no query reaches them: dk, dv stay 0
+  int i_lo, i_hi;  // the queries that reach the block
+  query_range(p, j0, min(j0 + BN, p.Tk), i_lo, i_hi);
+  if (j0 + BN <= kvb || i_lo >= i_hi) return;  // padding keys only, or no query reaches them: dk, dv stay 0
 
   const bool vec = p.vec != 0;
   const int Tk = p.Tk, Tq = p.Tq, d = p.d;
@@ -1127,7 +1174,7 @@ __global__ void __launch_bounds__(128) oeb_bwd_mma_kernel(const BwdParams p) {
     const Elem* qbase = static_cast<const Elem*>(p.q) + bh * Tq * d;
     const Elem* gbase = static_cast<const Elem*>(p.dout) + bh * Tq * d;
     float* dqbase = p.dq_acc + bh * Tq * d;
-    for (int i0 = i_lo; i0 < Tq; i0 += BM) {
+    for (int i0 = i_lo; i0 < i_hi; i0 += BM) {
       __syncthreads();  // the previous step is done with sQ, sG, sS and the row scalars
       auto query_row = [=](const Elem* base) {
         return [=](int rr) -> const Elem* { return i0 + rr < Tq ? base + static_cast<int64_t>(i0 + rr) * d : nullptr; };
@@ -1258,8 +1305,9 @@ __global__ void __launch_bounds__(128) oeb_bwd_kv_generic_kernel(const BwdParams
   const int bk = blockIdx.x / nkb, j0 = static_cast<int>(blockIdx.x % nkb) * BK;
   const int b = bk / p.Hkv, hk = bk % p.Hkv;
   const int kvb = static_cast<int>(p.kv[b]);
-  const int i_lo = max(0, j0 - (Tk - Tq));
-  if (j0 + BK <= kvb || i_lo >= Tq) return;
+  int i_lo, i_hi;
+  query_range(p, j0, min(j0 + BK, Tk), i_lo, i_hi);
+  if (j0 + BK <= kvb || i_lo >= i_hi) return;
 
   const Elem* kbase = static_cast<const Elem*>(p.k) + static_cast<int64_t>(bk) * Tk * d;
   const Elem* vbase = static_cast<const Elem*>(p.v) + static_cast<int64_t>(bk) * Tk * d;
@@ -1279,7 +1327,7 @@ __global__ void __launch_bounds__(128) oeb_bwd_kv_generic_kernel(const BwdParams
     const int64_t bh = static_cast<int64_t>(b) * p.H + hk * p.G + hh;
     const Elem* qbase = static_cast<const Elem*>(p.q) + bh * Tq * d;
     const Elem* gbase = static_cast<const Elem*>(p.dout) + bh * Tq * d;
-    for (int i0 = i_lo; i0 < Tq; i0 += BQ) {
+    for (int i0 = i_lo; i0 < i_hi; i0 += BQ) {
       __syncthreads();
       auto query_row = [=](const Elem* base) {
         return [=](int rr) -> const Elem* { return i0 + rr < Tq ? base + static_cast<int64_t>(i0 + rr) * d : nullptr; };
@@ -1349,10 +1397,11 @@ __global__ void __launch_bounds__(128) oeb_bwd_q_generic_kernel(const BwdParams 
   const int rl = threadIdx.x >> 3, l8 = threadIdx.x & 7;
 
   const BlockRows br = block_rows(p, kGenRows);
-  const int ntiles = (br.kend - br.kvb + kGenKeys - 1) / kGenKeys;
+  const int ntiles = (br.kend - br.kstart + kGenKeys - 1) / kGenKeys;
   const RowCtx rc = row_ctx(p, br, br.r0 + rl);
-  const int64_t row = (static_cast<int64_t>(rc.b) * p.H + rc.h) * p.Tq + rc.i;
-  const int4 rg = make_int4(rc.rr.kv, rc.rr.a, rc.rr.bnd, rc.rr.end);
+  const int64_t row = row_index(p, br.b, rc);
+  bool inter;
+  const int4 rg = rc.active ? group_keys(p.kv, p.bounds, p.Tq, p.Tk, p.window, br.b, rc.i, inter) : make_int4(0, 0, 0, 0);
   Three sh{{0.f, 0.f, 0.f}}, ct{{0.f, 0.f, 0.f}};
   if (rc.active) {
 #pragma unroll
@@ -1377,7 +1426,7 @@ __global__ void __launch_bounds__(128) oeb_bwd_q_generic_kernel(const BwdParams 
 #pragma unroll
   for (int n = 0; n < kGenCols; ++n) dq[n] = 0.f;
   for (int tile = 0; tile < ntiles; ++tile) {
-    const int j0 = br.kvb + tile * kGenKeys;
+    const int j0 = br.kstart + tile * kGenKeys;
     __syncthreads();
     load_rows_f32<Elem>(
         sK, sd, kGenKeys, [&](int rr) -> const Elem* { return j0 + rr < kend ? kbase + static_cast<int64_t>(j0 + rr) * d : nullptr; },
@@ -1428,33 +1477,43 @@ __global__ void __launch_bounds__(128) oeb_bwd_q_generic_kernel(const BwdParams 
 
 using Problem = OebSizes;
 
-Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seg_start,
-                      const Tensor& kv_start, double strength, int64_t num_sink, double scale) {
-  TORCH_CHECK(q.is_cuda(), "oeb_attention (CUDA kernel): q, k, v, seg_start and kv_start must be on one CUDA "
-              "device, got q on ", q.device());
-  return check_oeb_arguments(q, k, v, seg_start, kv_start, strength, num_sink, scale);
+Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kv_start, const Tensor& bounds,
+                      const std::string& rule, double strength, double tau_max, double eps,
+                      const std::optional<Tensor>& sink, int64_t window, double scale) {
+  TORCH_CHECK(q.is_cuda(), "oeb_attention (CUDA kernel): q must be on a CUDA device, got ", q.device());
+  return check_oeb_arguments(q, k, v, kv_start, bounds, rule, strength, tau_max, eps, sink, window, scale);
 }
 
-// Validates the index values as the CPU kernel does (one device-to-host copy, so one sync; the
-// wrapper in ops.py reads them on the host as well) and returns the smallest kv_start, which
-// sizes the split-KV plan.
-int64_t check_indices(const Problem& P, const Tensor& seg, const Tensor& kv) {
+// The window as the kernels take it: <= 0 for full attention (also for windows that reach every
+// key, which keeps the index arithmetic in int).
+int kernel_window(const Problem& P) { return (P.window <= 0 || P.window >= P.Tk) ? -1 : static_cast<int>(P.window); }
+
+// Validates the index values as the wrapper in ops.py does (one device-to-host copy, so one sync)
+// and returns the largest number of keys a block of rows can need, (end of the last query) -
+// (lo of the first query) over the batch, which sizes the split-KV plan.
+int64_t check_indices(const Problem& P, const Tensor& kv, const Tensor& bounds) {
   if (P.B == 0) return 0;
-  const Tensor host = at::cat({seg.reshape({-1}), kv.reshape({-1})}).to(at::kCPU);
-  const int64_t* s = host.data_ptr<int64_t>();
-  const int64_t* kvp = s + P.B * P.Tq;
-  int64_t min_kv = P.Tk;
+  const Tensor host = at::cat({kv.reshape({-1}), bounds.reshape({-1})}).to(at::kCPU);
+  const int64_t* kvp = host.data_ptr<int64_t>();
+  const int64_t* bd = kvp + P.B;
+  const int window = kernel_window(P);
+  int64_t span = 0;
   for (int64_t b = 0; b < P.B; ++b) {
     TORCH_CHECK(kvp[b] >= 0 && kvp[b] <= P.Tk, "oeb_attention: kv_start[", b, "] = ", kvp[b], " is outside [0, ",
                 P.Tk, "]");
-    min_kv = std::min(min_kv, kvp[b]);
     for (int64_t i = 0; i < P.Tq; ++i) {
-      const int64_t v = s[b * P.Tq + i];
-      TORCH_CHECK(v >= -1 && v <= P.Tk - P.Tq + i, "oeb_attention: seg_start[", b, ", ", i, "] = ", v,
-                  " must be -1 or a key position <= the query's own position ", P.Tk - P.Tq + i);
+      const int64_t a = bd[2 * (b * P.Tq + i)], c = bd[2 * (b * P.Tq + i) + 1], end = P.Tk - P.Tq + i + 1;
+      TORCH_CHECK((a == -1 && c == -1) || (a >= 0 && a <= c && c <= end), "oeb_attention: bounds[", b, ", ", i,
+                  "] = (", a, ", ", c, ") must be (-1, -1) or satisfy 0 <= a <= b <= ", end,
+                  " (the query's position + 1)");
+    }
+    if (P.Tq > 0) {
+      const int64_t lo = oeb::row_groups(kvp[b], -1, -1, P.Tk - P.Tq, window).lo[0];
+      const int64_t end = oeb::row_groups(kvp[b], -1, -1, P.Tk - 1, window).hi[0];
+      span = std::max(span, end - lo);
     }
   }
-  return min_kv;
+  return span;
 }
 
 void check_device_and_sizes(const Problem& P, const Tensor& q) {
@@ -1496,7 +1555,7 @@ struct RowPlan {
   size_t smem;
 };
 
-RowPlan plan_rows(const Problem& P, at::ScalarType dt, bool vec, int64_t min_kv, bool allow_split, int num_sms) {
+RowPlan plan_rows(const Problem& P, at::ScalarType dt, bool vec, int64_t max_span, bool allow_split, int num_sms) {
   RowPlan pl{};
   // Tensor cores for bf16 / fp16 with d <= 128 and 16-byte aligned rows (cp.async); else scalar.
   pl.mma = dt != at::kFloat && P.d <= 128 && vec;
@@ -1506,11 +1565,11 @@ RowPlan plan_rows(const Problem& P, at::ScalarType dt, bool vec, int64_t min_kv,
   const int64_t BM = pl.mma ? 16 * pl.nw : kGenRows;
   const int64_t BN = pl.mma ? (pl.Dp == 64 ? MmaFwdCfg<64>::BN : MmaFwdCfg<128>::BN) : kGenKeys;
   pl.smem = pl.mma ? (pl.Dp == 64 ? MmaFwdCfg<64>::smem(pl.nw) : MmaFwdCfg<128>::smem(pl.nw))
-                   : (size_t(2 * kGenRows + 2 * kGenKeys) * generic_stride(P.d) + 2 * kGenRows * kGenKeys) * sizeof(float);
+                   : gen_fwd_smem_floats(generic_stride(P.d)) * sizeof(float);
   pl.blocks = P.B * P.Hkv * ((R + BM - 1) / BM);
   pl.splits = 1;
   pl.tiles_per_split = 0;
-  const int64_t max_tiles = (P.Tk - min_kv + BN - 1) / BN;
+  const int64_t max_tiles = (max_span + BN - 1) / BN;
   // Split the keys when the row blocks alone cannot fill the GPU (decode, short chunks): aim at
   // about four CTAs per SM, at least two tiles per split.
   if (allow_split && pl.blocks < num_sms && max_tiles >= 4) {
@@ -1584,72 +1643,99 @@ void dispatch_dtype(at::ScalarType dt, F&& f) {
   else f(__nv_bfloat16{});
 }
 
-FwdParams make_fwd_params(const Problem& P, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seg,
-                          const Tensor& kv) {
+// sink_d: the sink logits as float64 on the device (undefined: no sink).
+FwdParams make_fwd_params(const Problem& P, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kv,
+                          const Tensor& bounds, const Tensor& sink_d) {
   FwdParams p{};
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.dout = q.data_ptr();
-  p.seg = seg.data_ptr<int64_t>(), p.kv = kv.data_ptr<int64_t>();
+  p.kv = kv.data_ptr<int64_t>(), p.bounds = bounds.data_ptr<int64_t>();
+  p.sink = sink_d.defined() ? sink_d.data_ptr<double>() : nullptr;
   p.B = static_cast<int>(P.B), p.H = static_cast<int>(P.H), p.Hkv = static_cast<int>(P.Hkv);
   p.G = static_cast<int>(P.G), p.Tq = static_cast<int>(P.Tq), p.Tk = static_cast<int>(P.Tk);
-  p.d = static_cast<int>(P.d), p.num_sink = static_cast<int>(P.num_sink);
+  p.d = static_cast<int>(P.d), p.window = kernel_window(P);
   p.scale = static_cast<float>(P.scale);
   p.scale_log2 = static_cast<float>(P.scale * 1.4426950408889634);
-  p.strength = P.strength;
+  p.rule = P.rule;
   p.vec = (P.d * q.element_size()) % 16 == 0 && aligned16(q) && aligned16(k) && aligned16(v);
   p.sd = generic_stride(P.d);
   return p;
 }
 
+std::optional<Tensor> sink_on(const std::optional<Tensor>& sink, const at::Device& dev) {
+  if (!sink.has_value()) return std::nullopt;
+  return sink->to(dev);
+}
+
+// The sink logits as float64 on the device (undefined without a sink), finite as the CPU kernel
+// requires (one small device-to-host copy).
+Tensor sink_values(const char* op, const std::optional<Tensor>& sink) {
+  if (!sink.has_value()) return Tensor();
+  const Tensor s = sink->to(at::kDouble).contiguous();
+  const Tensor host = s.cpu();
+  const double* x = host.data_ptr<double>();
+  for (int64_t h = 0; h < host.numel(); ++h)
+    TORCH_CHECK(std::isfinite(x[h]), op, ": sink[", h, "] = ", x[h], " is not finite");
+  return s;
+}
+
 // float64 has no CUDA kernel: it runs the CPU kernel on host copies (exact CPU semantics; the
 // dispatcher picks the CPU kernel from the tensors' device).
-std::tuple<Tensor, Tensor, Tensor> forward_on_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                  const Tensor& seg, const Tensor& kv, double strength,
-                                                  int64_t num_sink, double scale) {
+std::tuple<Tensor, Tensor, Tensor> forward_on_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kv,
+                                                  const Tensor& bounds, c10::string_view rule, double strength,
+                                                  double tau_max, double eps, const std::optional<Tensor>& sink,
+                                                  int64_t window, double scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("stepflow::oeb_attention", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                 const Tensor&, const Tensor&, double, int64_t,
-                                                                 double)>();
-  const auto r = op.call(q.cpu(), k.cpu(), v.cpu(), seg.cpu(), kv.cpu(), strength, num_sink, scale);
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view,
+                           double, double, double, const std::optional<Tensor>&, int64_t, double)>();
+  const auto r = op.call(q.cpu(), k.cpu(), v.cpu(), kv.cpu(), bounds.cpu(), rule, strength, tau_max, eps,
+                         sink_on(sink, at::kCPU), window, scale);
   const auto dev = q.device();
   return {std::get<0>(r).to(dev), std::get<1>(r).to(dev), std::get<2>(r).to(dev)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> backward_on_cpu(const Tensor& grad_out, const Tensor& q, const Tensor& k,
                                                    const Tensor& v, const Tensor& lse, const Tensor& stats,
-                                                   const Tensor& seg, const Tensor& kv, double strength,
-                                                   int64_t num_sink, double scale) {
+                                                   const Tensor& kv, const Tensor& bounds, c10::string_view rule,
+                                                   double strength, double tau_max, double eps,
+                                                   const std::optional<Tensor>& sink, int64_t window, double scale) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("stepflow::oeb_attention_backward", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                 const Tensor&, const Tensor&, const Tensor&,
-                                                                 const Tensor&, const Tensor&, double, int64_t,
-                                                                 double)>();
-  const auto r = op.call(grad_out.cpu(), q.cpu(), k.cpu(), v.cpu(), lse.cpu(), stats.cpu(), seg.cpu(), kv.cpu(),
-                         strength, num_sink, scale);
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const Tensor&, c10::string_view, double, double, double,
+                           const std::optional<Tensor>&, int64_t, double)>();
+  const auto r = op.call(grad_out.cpu(), q.cpu(), k.cpu(), v.cpu(), lse.cpu(), stats.cpu(), kv.cpu(), bounds.cpu(),
+                         rule, strength, tau_max, eps, sink_on(sink, at::kCPU), window, scale);
   const auto dev = q.device();
   return {std::get<0>(r).to(dev), std::get<1>(r).to(dev), std::get<2>(r).to(dev)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> oeb_attention_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                                                      const Tensor& seg_start, const Tensor& kv_start,
-                                                      double strength, int64_t num_sink, double scale) {
-  const Problem P = check_problem(q_in, k_in, v_in, seg_start, kv_start, strength, num_sink, scale);
+                                                      const Tensor& kv_start, const Tensor& bounds_in,
+                                                      c10::string_view rule, double strength, double tau_max,
+                                                      double eps, const std::optional<Tensor>& sink, int64_t window,
+                                                      double scale) {
+  const Problem P = check_problem(q_in, k_in, v_in, kv_start, bounds_in, std::string(rule), strength, tau_max, eps,
+                                  sink, window, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const Tensor seg = seg_start.contiguous(), kv = kv_start.contiguous();
-  const int64_t min_kv = check_indices(P, seg, kv);
-  if (q_in.scalar_type() == at::kDouble) return forward_on_cpu(q_in, k_in, v_in, seg, kv, strength, num_sink, scale);
+  const Tensor kv = kv_start.contiguous(), bounds = bounds_in.contiguous();
+  const int64_t max_span = check_indices(P, kv, bounds);
+  if (q_in.scalar_type() == at::kDouble)
+    return forward_on_cpu(q_in, k_in, v_in, kv, bounds, rule, strength, tau_max, eps, sink, window, scale);
   check_device_and_sizes(P, q_in);
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const Tensor sink_d = sink_values("oeb_attention", sink);
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({P.B, P.H, P.Tq}, q.options().dtype(at::kFloat));
-  Tensor stats = at::empty({P.B, P.H, P.Tq, 2}, q.options().dtype(at::kFloat));
+  Tensor stats = at::empty({P.B, P.H, P.Tq, kStatFields}, q.options().dtype(at::kFloat));
   if (P.B * P.H * P.Tq == 0) return {out, lse, stats};
 
-  FwdParams p = make_fwd_params(P, q, k, v, seg, kv);
+  FwdParams p = make_fwd_params(P, q, k, v, kv, bounds, sink_d);
   p.out = out.data_ptr(), p.lse = lse.data_ptr<float>(), p.stats = stats.data_ptr<float>();
   const int num_sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
-  const RowPlan pl = plan_rows(P, q.scalar_type(), p.vec != 0, min_kv, /*allow_split=*/true, num_sms);
+  const RowPlan pl = plan_rows(P, q.scalar_type(), p.vec != 0, max_span, /*allow_split=*/true, num_sms);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor part;
   if (pl.splits > 1) {
@@ -1674,13 +1760,17 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_cuda(const Tensor& q_in, const 
 }
 
 // lse and stats are checked for shape only, as in the CPU kernel: the rows pass recomputes the
-// group log-masses per group (exact where p_X underflows fp32), which lse and stats cannot give.
+// group log-masses per group (exact where a group's mass underflows fp32), which lse and stats
+// cannot give.
 std::tuple<Tensor, Tensor, Tensor> oeb_attention_backward_cuda(const Tensor& grad_out, const Tensor& q_in,
                                                                const Tensor& k_in, const Tensor& v_in,
                                                                const Tensor& lse, const Tensor& stats,
-                                                               const Tensor& seg_start, const Tensor& kv_start,
-                                                               double strength, int64_t num_sink, double scale) {
-  const Problem P = check_problem(q_in, k_in, v_in, seg_start, kv_start, strength, num_sink, scale);
+                                                               const Tensor& kv_start, const Tensor& bounds_in,
+                                                               c10::string_view rule, double strength, double tau_max,
+                                                               double eps, const std::optional<Tensor>& sink,
+                                                               int64_t window, double scale) {
+  const Problem P = check_problem(q_in, k_in, v_in, kv_start, bounds_in, std::string(rule), strength, tau_max, eps,
+                                  sink, window, scale);
   TORCH_CHECK(grad_out.sizes() == q_in.sizes() && grad_out.scalar_type() == q_in.scalar_type() &&
                   grad_out.device() == q_in.device(),
               "oeb_attention_backward: grad_out must be a tensor of q's shape ", q_in.sizes(), ", dtype ",
@@ -1691,42 +1781,44 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_backward_cuda(const Tensor& gra
               "oeb_attention_backward: lse must be float32 of shape (", P.B, ", ", P.H, ", ", P.Tq,
               ") on q's device, got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.dim() == 4 && stats.size(0) == P.B &&
-                  stats.size(1) == P.H && stats.size(2) == P.Tq && stats.size(3) == 2 &&
+                  stats.size(1) == P.H && stats.size(2) == P.Tq && stats.size(3) == kStatFields &&
                   stats.device() == q_in.device(),
-              "oeb_attention_backward: stats must be float32 of shape (", P.B, ", ", P.H, ", ", P.Tq,
-              ", 2) on q's device, got ", stats.scalar_type(), " ", stats.sizes(), " on ", stats.device());
+              "oeb_attention_backward: stats must be float32 of shape (", P.B, ", ", P.H, ", ", P.Tq, ", ",
+              kStatFields, ") on q's device, got ", stats.scalar_type(), " ", stats.sizes(), " on ", stats.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const Tensor seg = seg_start.contiguous(), kv = kv_start.contiguous();
-  const int64_t min_kv = check_indices(P, seg, kv);
+  const Tensor kv = kv_start.contiguous(), bounds = bounds_in.contiguous();
+  const int64_t max_span = check_indices(P, kv, bounds);
   if (q_in.scalar_type() == at::kDouble)
-    return backward_on_cpu(grad_out, q_in, k_in, v_in, lse, stats, seg, kv, strength, num_sink, scale);
+    return backward_on_cpu(grad_out, q_in, k_in, v_in, lse, stats, kv, bounds, rule, strength, tau_max, eps, sink,
+                           window, scale);
   check_device_and_sizes(P, q_in);
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), dout = grad_out.contiguous();
+  const Tensor sink_d = sink_values("oeb_attention_backward", sink);
   Tensor dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
   if (P.B * P.H * P.Tq == 0) return {at::zeros(q.sizes(), q.options()), dk, dv};
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int num_sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
   Tensor rows = at::empty({P.B, P.H, P.Tq, kRowFields}, q.options().dtype(at::kFloat));
-  FwdParams fp = make_fwd_params(P, q, k, v, seg, kv);
+  FwdParams fp = make_fwd_params(P, q, k, v, kv, bounds, sink_d);
   fp.dout = dout.data_ptr();
   fp.vec = fp.vec && aligned16(dout);
   fp.rows = rows.data_ptr<float>();
   fp.mode = kModeRows;
-  const RowPlan pl = plan_rows(P, q.scalar_type(), fp.vec != 0, min_kv, /*allow_split=*/false, num_sms);
+  const RowPlan pl = plan_rows(P, q.scalar_type(), fp.vec != 0, max_span, /*allow_split=*/false, num_sms);
 
   Tensor dq, dq_acc;
   if (pl.mma) dq_acc = at::zeros({P.B, P.H, P.Tq, P.d}, q.options().dtype(at::kFloat));
   else dq = at::empty(q.sizes(), q.options());
   BwdParams bp{};
   bp.q = fp.q, bp.k = fp.k, bp.v = fp.v, bp.dout = fp.dout;
-  bp.seg = fp.seg, bp.kv = fp.kv;
+  bp.kv = fp.kv, bp.bounds = fp.bounds;
   bp.rows = rows.data_ptr<float>();
   bp.dq_acc = pl.mma ? dq_acc.data_ptr<float>() : nullptr;
   bp.dq = pl.mma ? nullptr : dq.data_ptr();
   bp.dk = dk.data_ptr(), bp.dv = dv.data_ptr();
   bp.B = fp.B, bp.H = fp.H, bp.Hkv = fp.Hkv, bp.G = fp.G, bp.Tq = fp.Tq, bp.Tk = fp.Tk, bp.d = fp.d;
-  bp.num_sink = fp.num_sink, bp.vec = fp.vec, bp.sd = fp.sd;
+  bp.window = fp.window, bp.vec = fp.vec, bp.sd = fp.sd;
   bp.scale = fp.scale, bp.scale_log2 = fp.scale_log2;
 
   dispatch_dtype(q.scalar_type(), [&](auto tag) {

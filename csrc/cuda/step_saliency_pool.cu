@@ -1,28 +1,36 @@
-// CUDA kernel of stepflow::step_saliency_pool (design.md 2.2), with the optional OEB rebalance
+// CUDA kernel of stepflow::step_saliency_pool (design.md 2.2), with the optional OEB rule
 // (design.md 2.3) of a layer where the Odds-Equal Bridge is active.
 //
 //   M[b, a, c] = sum_{i: seg(i)=a} sum_{j <= i: seg(j)=c} I_ij,
-//   I_ij = | sum_h A'^h_ij (dO^h_i . v^{g(h)}_j) |  ("sum_abs")   or   sum_h | ... |  ("abs_sum"),
-//   A = exp(scale q.k - lse) over causal valid keys; A' = A r_g(i, j) with OEB (r_g = p'_g / p_g of
-//   the key's group, design.md 2.3), else A' = A.
+//   I_ij = | sum_h A'^h_ij (dO^h_i . v^{g(h)}_j) |  ("sum_abs"),   sum_h | ... |  ("abs_sum"),
+//   or (1/H) sum_h | ... |  ("abs_mean", the paper's: abs_sum divided by H at the end).
+//
+// A is the layer's attention: A_ij = exp(scale q.k_j - lse_i) / (1 + sigma_i) over the causal
+// valid keys (inside the sliding window, if any), sigma_i = exp(sink_h - lse_i) with a per-head
+// sink logit (GPT-OSS), 0 without; lse_i is the log-sum-exp over the real keys (no sink). With
+// OEB (oeb_bounds given), A' is the OEB attention of oeb_attention with kv_start = the row's
+// first valid token: A'_ij = exp(s_ij - lse_i + log r_g) for key j in group g of query i, the
+// groups [lo, a), [a, b), [b, i] of oeb::row_groups, log r_g from oeb::row_forward (the shared
+// per-row arithmetic of csrc/include/oeb_rule.h, sink included). As in oeb_attention (and the
+// reference), OEB's keys are the positions [lo, i], padding inside a row included; without OEB
+// padding keys are excluded. Padding is never binned.
 //
 // Flash-attention structure, no T x T buffer:
 //
-// 1. stats kernel (only when lse is not given, or with OEB): CTA = (batch row, head, block of 64
+// 1. stats kernel (when lse is not given, or with OEB): CTA = (batch row, head, block of 64
 //    queries); over key tiles of 64 it forms S = q K^T (tensor cores for bf16/fp16) and keeps
-//    per query three online softmax states (running max and sum): all keys, C keys, X keys. It
-//    writes lse (unless given) and, with OEB, the rebalance in the log domain (in double):
-//    log p_g = m_g + log l_g - lse (so with a given lse, p_g = sum_g exp(s - lse), as the CPU
-//    kernel does), log p'_g from design.md 2.3, and per (row, head) the exponent shifts
-//    shift_g = m_g + log l_g - log p'_g, so that A'_ij = exp(scale s_ij - shift_g) exactly. Each
-//    group has its own max, so a group far below the row's max (score gaps beyond exp's range,
-//    where p_g underflows in fp32 but the rebalance lifts it) is still resolved.
+//    per query online softmax states (running max and sum): one over the valid keys, or with
+//    OEB one per key group, so a group far below the row's max (score gaps beyond exp's range,
+//    where its mass underflows fp32 but the rule lifts it) is still resolved. It writes lse
+//    (unless given) and, with OEB, per (row, head) the exponent shifts shift_g = lse - log r_g
+//    (so that A'_ij = exp(scale s_ij - shift_g)). With OEB the given lse is not read: the pass
+//    runs anyway for the group masses and takes lse from them.
 // 2. main kernel: CTA = (batch row, block of 64 queries), 8 warps; for each key tile of 64 the
 //    heads are looped inside (the K/V tile of a kv head is loaded once for its group of query
 //    heads when d fits one chunk): S = q K^T and G = dO V^T (wmma 16x16x16 bf16/fp16 with fp32
 //    accumulation; exact-FMA tiles for fp32 / fp64), then per element P' = exp(scale S - shift)
-//    (shift = lse, or the OEB shift of the element's group), times G, summed over heads in
-//    registers (sum_abs: signed, abs_sum: |.|).
+//    (shift = lse + log(1 + sigma), or the OEB shift of the element's group), times G, summed
+//    over heads in registers (sum_abs: signed, abs_sum / abs_mean: |.|).
 //    Each warp owns a 16 x 32 strip of the 64 x 64 tile; each lane one row and 2 x 8 columns.
 // 3. binning: query rows and key columns of the tile are split into runs of one segment
 //    (usually one or two); each lane merges its columns by run, a warp whose lanes all hold the
@@ -30,14 +38,12 @@
 //    of the tile are summed in shared memory (fp32, fp64 for fp64) before one fp64 atomicAdd per
 //    non-zero bin into the (B, S, S) fp64 map, converted to fp32 at the end.
 //
+// Key tiles start at the block's first key: the row's first valid token, or with a sliding
+// window w the window start of the block's first query (i0 - w + 1); elements are masked per row.
+//
 // Head dims: any d; the smem tile holds DC columns (64 or 128 for bf16/fp16, 64 for fp32, 32
 // for fp64), zero-padded, and larger d runs in chunks of DC (accumulating S and G in the
 // fragments). d = 64 and d = 128 run in one chunk with compile-time trip counts.
-//
-// Conventions (the CPU kernel's): padding (seg -1) is excluded as query and key; OEB sinks are
-// the key positions [lo, lo + num_sink) of the row's first valid position lo (its OEB kv_start),
-// C = [seg_start(i), i] minus sinks, X = [lo, seg_start(i)) minus sinks, seg_start -1 = not
-// rebalanced; A' = A unless p_X > 0 and p_C > p_X.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -55,6 +61,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "oeb_rule.h"
 
 namespace stepflow {
 namespace {
@@ -88,19 +95,19 @@ struct Layout {
   using A = typename Acc<T>::type;
   static constexpr int kLd = DC + 16 / static_cast<int>(sizeof(T));  // +16 bytes per row: fewer bank conflicts
   static constexpr size_t kTile = size_t(kBlock) * kLd * sizeof(T);
-  // main kernel: Q, dO, K, V tiles | staging (wmma) | bins | per-row lse, shift_C, shift_X | ints
+  // main kernel: Q, dO, K, V tiles | staging (wmma) | bins | per-row shift_0, shift_1, shift_2 | ints
   static constexpr size_t kStage = 4 * kTile;
   static constexpr size_t kStageBytes = kWmma<T> ? size_t(kWarps) * 2 * kStageFloats * sizeof(float) : 0;
   static constexpr size_t kBins = kStage + kStageBytes;
   static constexpr size_t kRowA = kBins + size_t(kBlock) * kBlock * sizeof(A);
   static constexpr size_t kInts = kRowA + 3 * kBlock * sizeof(A);
-  static constexpr size_t kMainBytes = kInts + (7 * kBlock + 4) * sizeof(int);
+  static constexpr size_t kMainBytes = kInts + (6 * kBlock + 4) * sizeof(int);
   // stats kernel: Q, K tiles | staging (wmma) | combine buffer | ints
   static constexpr size_t kSStage = 2 * kTile;
   static constexpr size_t kSStageBytes = kWmma<T> ? size_t(kWarps) * kStageFloats * sizeof(float) : 0;
   static constexpr size_t kSComb = kSStage + kSStageBytes;
   static constexpr size_t kSInts = kSComb + 6 * kBlock * sizeof(A);
-  static constexpr size_t kStatsBytes = kSInts + 3 * kBlock * sizeof(int);
+  static constexpr size_t kStatsBytes = kSInts + 2 * kBlock * sizeof(int);
   static_assert(kTile % 128 == 0 && kStageBytes % 128 == 0 && kSStageBytes % 128 == 0, "alignment");
 };
 
@@ -111,19 +118,20 @@ struct Params {
   const E* v;             // (B, Hkv, T, d)
   const E* o;             // grad_out (B, H, T, d)
   const int32_t* seg;     // (B, T)
-  const int32_t* ss;      // OEB seg_start (B, T), or null
+  const int64_t* ob;      // OEB bounds (B, T, 2), or null (no OEB)
   const int32_t* bounds;  // (B, 2): first valid position, last valid position + 1
   const A* lse;           // (B, H, T): the given lse, or the stats kernel's output
   A* lse_out;             // stats kernel: where lse goes (null when given)
-  A* shift;               // (B, H, T, 2) OEB exponent shifts (shift_C, shift_X), or null
+  A* shift;               // (B, H, T, 3) OEB exponent shifts shift_g = lse - log r_g, or null
+  const A* sink;          // (H,) sink logits, or null
   double* M;              // (B, S, S)
   int64_t B, H, Hkv, T, d, S;
+  int64_t window;         // <= 0: full attention
   int nchunks;            // ceil(d / DC)
   bool vec;               // 16-byte loads allowed
   bool sum_abs;
   A scale;
-  int64_t num_sink;       // clamped to T
-  double strength;
+  oeb::RuleParams rule;
 };
 
 // ---------------------------------------------------------------- device helpers
@@ -214,8 +222,6 @@ struct Soft {
   }
 };
 
-__device__ __forceinline__ double softplus(double x) { return x > 0 ? x + log1p(exp(-x)) : log1p(exp(x)); }
-
 // Per-lane ownership of the 64 x 64 tile: warp w has rows 16 (w / 2) .. + 16 and the two 16-col
 // sub-tiles 2 (w % 2) and 2 (w % 2) + 1; lane l has row l / 2 of them and columns 8 (l % 2) ..
 // + 8 of each sub-tile: element e = 8 t + u <-> (row, col_of(t, u)).
@@ -293,12 +299,36 @@ __device__ __forceinline__ void unstage(const Owner& w, const float* st, int t, 
   for (int u = 0; u < 8; ++u) out[t * 8 + u] = st[(w.r % 16) * kStageLd + w.lc + u];
 }
 
-// Valid (causal, non-padding, valid row) bits of the lane's 16 elements, and with OEB the C / X
-// group bits (sinks in neither).
-__device__ __forceinline__ void element_masks(const Owner& w, int64_t i, bool row_ok, int ssi, int64_t j0,
-                                              const int* colseg, bool oeb, int64_t sink_end, uint32_t& vmask,
-                                              uint32_t& cmask, uint32_t& xmask) {
-  vmask = cmask = xmask = 0;
+__device__ __forceinline__ double log_add(double x, double y) {
+  const double m = fmax(x, y);
+  return m + log1p(exp(-fabs(x - y)));
+}
+__device__ __forceinline__ float log_add(float x, float y) {
+  const float m = fmaxf(x, y);
+  return m + log1pf(expf(-fabsf(x - y)));
+}
+
+// The OEB key groups of query i (a valid token, so i >= lo, the row's first valid token): (x, y,
+// z, w) with group 0 = [x, y), group 1 = [y, z), group 2 = [z, w) (oeb::row_groups, as in
+// oeb_attention with kv_start = lo). intervened: bounds != (-1, -1).
+__device__ __forceinline__ int4 oeb_row_keys(const int64_t* ob, int64_t T, int64_t b, int64_t i, int lo,
+                                             int64_t window, bool& intervened) {
+  const int64_t* bd = ob + (b * T + i) * 2;
+  const oeb::Groups G = oeb::row_groups(lo, bd[0], bd[1], i, window);
+  intervened = G.intervened;
+  return make_int4(static_cast<int>(G.lo[0]), static_cast<int>(G.hi[0]), static_cast<int>(G.hi[1]),
+                   static_cast<int>(G.hi[2]));
+}
+
+// The keys of the lane's 16 elements (row i, keys j0 + col) that a query sees: with OEB its
+// group ranges gk (padding keys included), else j <= i inside the window. Bits of vmask: keys
+// the query sees that are not padding (the binned ones), with OEB g1mask / g2mask: the keys in
+// groups 1 / 2 (all groups, padding included, when all_keys is set: the stats pass).
+__device__ __forceinline__ void element_masks(const Owner& w, int64_t i, bool row_ok, int64_t j0, const int* colseg,
+                                              bool oeb, int4 gk, int64_t window, bool all_keys, uint32_t& vmask,
+                                              uint32_t& g1mask, uint32_t& g2mask) {
+  vmask = g1mask = g2mask = 0;
+  if (!row_ok) return;
 #pragma unroll
   for (int t = 0; t < 2; ++t) {
 #pragma unroll
@@ -306,14 +336,13 @@ __device__ __forceinline__ void element_masks(const Owner& w, int64_t i, bool ro
       const int c = w.col(t, u);
       const int64_t j = j0 + c;
       const uint32_t bit = 1u << (t * 8 + u);
-      if (row_ok && j <= i && colseg[c] >= 0) {
+      const bool sees = oeb ? (j >= gk.x && j < gk.w) : (j <= i && (window <= 0 || j > i - window));
+      if (sees && (all_keys || colseg[c] >= 0)) {
         vmask |= bit;
-        if (oeb && ssi >= 0 && j >= sink_end) {
-          if (j >= ssi) {
-            cmask |= bit;
-          } else {
-            xmask |= bit;
-          }
+        if (oeb && j >= gk.z) {
+          g2mask |= bit;
+        } else if (oeb && j >= gk.y) {
+          g1mask |= bit;
         }
       }
     }
@@ -353,8 +382,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Params<T, typenam
   float* stage = reinterpret_cast<float*>(smem + L::kSStage);
   A* comb = reinterpret_cast<A*>(smem + L::kSComb);
   int* s_rowseg = reinterpret_cast<int*>(smem + L::kSInts);
-  int* s_ss = s_rowseg + kBlock;
-  int* s_colseg = s_ss + kBlock;
+  int* s_colseg = s_rowseg + kBlock;
 
   const int64_t T_ = p.T, b = blockIdx.z, h = blockIdx.y;
   const int64_t i0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlock;  // costliest blocks first
@@ -365,15 +393,20 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Params<T, typenam
   if (threadIdx.x < kBlock) {
     const int64_t i = i0 + threadIdx.x;
     s_rowseg[threadIdx.x] = i < T_ ? seg[i] : -1;
-    s_ss[threadIdx.x] = (p.ss != nullptr && i < T_) ? p.ss[b * T_ + i] : -1;
   }
+  __syncthreads();
   const Owner w;
   const int64_t i = i0 + w.r;
-  const int64_t kt_begin = lo / kBlock, kt_end = (i0 + kBlock - 1 < hi - 1 ? i0 + kBlock - 1 : hi - 1) / kBlock;
-  const int64_t sink_end = lo + p.num_sink;
-  const bool oeb = p.shift != nullptr;
+  const bool row_ok = i < T_ && s_rowseg[w.r] >= 0;
+  const bool oeb = p.ob != nullptr;
+  bool inter = false;
+  const int4 gk = (oeb && row_ok) ? oeb_row_keys(p.ob, T_, b, i, lo, p.window, inter) : make_int4(0, 0, 0, 0);
+  // The block's keys: from the window start of its first query (or the first valid token) to its last query.
+  const int64_t key_lo = p.window > 0 ? (i0 - p.window + 1 > lo ? i0 - p.window + 1 : lo) : lo;
+  const int64_t kt_begin = key_lo / kBlock, kt_end = (i0 + kBlock - 1 < hi - 1 ? i0 + kBlock - 1 : hi - 1) / kBlock;
   const T* qbase = p.q + ((b * p.H + h) * T_ + i0) * p.d;
-  Soft<A> all, cur, ctx;  // all keys, C keys, X keys
+  // Without OEB st[0] is the softmax over the valid keys; with OEB st[g] is key group g.
+  Soft<A> st[3];
 
   for (int64_t kt = kt_begin; kt <= kt_end; ++kt) {
     const int64_t j0 = kt * kBlock;
@@ -408,18 +441,17 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Params<T, typenam
       }
     }
     if constexpr (kWmma<T>) {
-      float* st = stage + w.warp * kStageFloats;
+      float* stg = stage + w.warp * kStageFloats;
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
-        wmma::store_matrix_sync(st, fs[t], kStageLd, wmma::mem_row_major);
+        wmma::store_matrix_sync(stg, fs[t], kStageLd, wmma::mem_row_major);
         __syncwarp();
-        unstage(w, st, t, sv);
+        unstage(w, stg, t, sv);
         __syncwarp();
       }
     }
-    const int a_seg = s_rowseg[w.r], ssi = s_ss[w.r];
-    uint32_t vmask, cmask, xmask;
-    element_masks(w, i, a_seg >= 0 && i < T_, ssi, j0, s_colseg, oeb, sink_end, vmask, cmask, xmask);
+    uint32_t vmask, g1mask, g2mask;
+    element_masks(w, i, row_ok, j0, s_colseg, oeb, gk, p.window, /*all_keys=*/oeb, vmask, g1mask, g2mask);
     A s[16];
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
@@ -429,49 +461,45 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Params<T, typenam
         s[e] = static_cast<A>(S[e]) * p.scale;
       }
     }
-    all.add(s, vmask);
     if (oeb) {
-      cur.add(s, cmask);
-      ctx.add(s, xmask);
+      st[0].add(s, vmask & ~(g1mask | g2mask));
+      st[1].add(s, g1mask);
+      st[2].add(s, g2mask);
+    } else {
+      st[0].add(s, vmask);
     }
   }
 
   // Four threads hold parts of each row: lanes 2k, 2k + 1 of warps 2q, 2q + 1.
-  all.merge_lane_xor1();
-  cur.merge_lane_xor1();
-  ctx.merge_lane_xor1();
+#pragma unroll
+  for (int x = 0; x < 3; ++x) st[x].merge_lane_xor1();
   if ((w.warp & 1) && !(w.lane & 1)) {
     A* c6 = comb + 6 * w.r;
-    c6[0] = all.m, c6[1] = all.l, c6[2] = cur.m, c6[3] = cur.l, c6[4] = ctx.m, c6[5] = ctx.l;
+#pragma unroll
+    for (int x = 0; x < 3; ++x) c6[2 * x] = st[x].m, c6[2 * x + 1] = st[x].l;
   }
   __syncthreads();
   if ((w.warp & 1) || (w.lane & 1)) return;
   {
     const A* c6 = comb + 6 * w.r;
-    all.merge(c6[0], c6[1]);
-    cur.merge(c6[2], c6[3]);
-    ctx.merge(c6[4], c6[5]);
+#pragma unroll
+    for (int x = 0; x < 3; ++x) st[x].merge(c6[2 * x], c6[2 * x + 1]);
   }
-  if (i >= T_ || s_rowseg[w.r] < 0) return;
+  if (!row_ok) return;
   const int64_t idx = (b * p.H + h) * T_ + i;
-  const A lse = p.lse_out != nullptr ? all.m + log_a(all.l) : p.lse[idx];
-  if (p.lse_out != nullptr) p.lse_out[idx] = lse;
-  if (oeb) {
-    // The rebalance of design.md 2.3 in the log domain: lp_g = log p_g (-inf for an empty group).
-    const double lz_c = cur.log_sum(), lz_x = ctx.log_sum();
-    const double lp_c = lz_c - static_cast<double>(lse), lp_x = lz_x - static_cast<double>(lse);
-    double shift_c = lse, shift_x = lse;  // not locked in: A' = A
-    if (lz_x > -HUGE_VAL && lp_c > lp_x) {  // p_X > 0 and p_C > p_X
-      const double new_log_odds = (1.0 - p.strength) * (lp_c - lp_x);  // log o' = (1 - lambda) log o
-      const double log_mass = lp_c + log1p(exp(lp_x - lp_c));            // log (p_C + p_X)
-      const double new_lp_c = log_mass - softplus(-new_log_odds);        // log (M o' / (1 + o'))
-      const double new_lp_x = log_mass - softplus(new_log_odds);         // log (M / (1 + o'))
-      shift_c = lz_c - new_lp_c;  // exp(s - shift_c) = A r_C
-      shift_x = lz_x - new_lp_x;
-    }
-    p.shift[2 * idx + 0] = static_cast<A>(shift_c);
-    p.shift[2 * idx + 1] = static_cast<A>(shift_x);
+  if (!oeb) {
+    if (p.lse_out != nullptr) p.lse_out[idx] = st[0].m + log_a(st[0].l);
+    return;
   }
+  // The OEB rule of the row (oeb_rule.h, in double), from the group log-masses.
+  const double Lg[3] = {st[0].log_sum(), st[1].log_sum(), st[2].log_sum()};
+  const double n[3] = {static_cast<double>(gk.y - gk.x), static_cast<double>(gk.z - gk.y),
+                       static_cast<double>(gk.w - gk.z)};
+  const double sink = p.sink != nullptr ? static_cast<double>(p.sink[h]) : -HUGE_VAL;
+  const oeb::Row row = oeb::row_forward(Lg, n, sink, inter, p.rule);
+  if (p.lse_out != nullptr) p.lse_out[idx] = static_cast<A>(row.lse);
+#pragma unroll
+  for (int x = 0; x < 3; ++x) p.shift[3 * idx + x] = static_cast<A>(row.lse - row.log_r[x]);
 }
 
 // Pass 2: the map. Grid (query blocks, B).
@@ -491,17 +519,16 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
   T* Vs = reinterpret_cast<T*>(smem + 3 * L::kTile);
   float* stage = reinterpret_cast<float*>(smem + L::kStage);
   A* bins = reinterpret_cast<A*>(smem + L::kBins);
-  A* s_lse = reinterpret_cast<A*>(smem + L::kRowA);
-  A* s_shc = s_lse + kBlock;  // OEB shifts of the current head's rows
-  A* s_shx = s_shc + kBlock;
+  A* s_sh0 = reinterpret_cast<A*>(smem + L::kRowA);  // per row of the current head: the shift of group
+  A* s_sh1 = s_sh0 + kBlock;                           // 0, 1, 2 (OEB), or of every key (s_sh0)
+  A* s_sh2 = s_sh1 + kBlock;
   int* s_rowseg = reinterpret_cast<int*>(smem + L::kInts);
   int* s_rowrun = s_rowseg + kBlock;
   int* s_rrseg = s_rowrun + kBlock;
   int* s_colseg = s_rrseg + kBlock;
   int* s_colrun = s_colseg + kBlock;
   int* s_crseg = s_colrun + kBlock;
-  int* s_ss = s_crseg + kBlock;
-  int* s_cnt = s_ss + kBlock;  // [0] row runs, [1] column runs
+  int* s_cnt = s_crseg + kBlock;  // [0] row runs, [1] column runs
 
   const int64_t T_ = p.T, b = blockIdx.y;
   const int64_t i0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlock;  // costliest blocks first
@@ -512,16 +539,19 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
   if (threadIdx.x < kBlock) {
     const int64_t i = i0 + threadIdx.x;
     s_rowseg[threadIdx.x] = i < T_ ? seg[i] : -1;
-    s_ss[threadIdx.x] = (p.ss != nullptr && i < T_) ? p.ss[b * T_ + i] : -1;
   }
   __syncthreads();
   if (threadIdx.x < 32) runs64(s_rowseg, s_rowrun, s_rrseg, &s_cnt[0]);
 
   const Owner w;
   const int64_t i = i0 + w.r;
-  const int64_t kt_begin = lo / kBlock, kt_end = (i0 + kBlock - 1 < hi - 1 ? i0 + kBlock - 1 : hi - 1) / kBlock;
-  const int64_t sink_end = lo + p.num_sink;
+  const bool row_ok = i < T_ && s_rowseg[w.r] >= 0;
   const bool oeb = p.shift != nullptr;
+  bool inter = false;
+  const int4 gk = (oeb && row_ok) ? oeb_row_keys(p.ob, T_, b, i, lo, p.window, inter) : make_int4(0, 0, 0, 0);
+  // The block's keys: from the window start of its first query (or the first valid token) to its last query.
+  const int64_t key_lo = p.window > 0 ? (i0 - p.window + 1 > lo ? i0 - p.window + 1 : lo) : lo;
+  const int64_t kt_begin = key_lo / kBlock, kt_end = (i0 + kBlock - 1 < hi - 1 ? i0 + kBlock - 1 : hi - 1) / kBlock;
 
   for (int64_t kt = kt_begin; kt <= kt_end; ++kt) {
     const int64_t j0 = kt * kBlock;
@@ -532,9 +562,8 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
     }
     __syncthreads();
     if (threadIdx.x < 32) runs64(s_colseg, s_colrun, s_crseg, &s_cnt[1]);  // read after later barriers
-    const int a_seg = s_rowseg[w.r], ssi = s_ss[w.r];
-    uint32_t vmask, cmask, xmask;
-    element_masks(w, i, a_seg >= 0 && i < T_, ssi, j0, s_colseg, oeb, sink_end, vmask, cmask, xmask);
+    uint32_t vmask, g1mask, g2mask;
+    element_masks(w, i, row_ok, j0, s_colseg, oeb, gk, p.window, /*all_keys=*/false, vmask, g1mask, g2mask);
     A acc[16];
 #pragma unroll
     for (int e = 0; e < 16; ++e) acc[e] = 0;
@@ -556,7 +585,7 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
       }
       for (int c = 0; c < p.nchunks; ++c) {
         const int64_t col0 = static_cast<int64_t>(c) * DC;
-        __syncthreads();  // the previous step's readers of the tiles (and of s_lse, s_shc, s_shx) are done
+        __syncthreads();  // the previous step's readers of the tiles (and of s_sh0, s_sh1, s_sh2) are done
         if (p.nchunks > 1 || h % group == 0) {  // one chunk: K, V stay for the whole kv group
           load_tile<T, DC, Ld>(Ks, kbase, T_ - j0, p.d, col0, p.vec);
           load_tile<T, DC, Ld>(Vs, vbase, T_ - j0, p.d, col0, p.vec);
@@ -564,12 +593,17 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
         load_tile<T, DC, Ld>(Qs, qbase, T_ - i0, p.d, col0, p.vec);
         load_tile<T, DC, Ld>(Os, obase, T_ - i0, p.d, col0, p.vec);
         if (c == 0 && threadIdx.x < kBlock) {
+          // Rows that are not binned (padding, past T) may hold anything: they are never read.
           const int64_t ii = i0 + threadIdx.x;
           const int64_t idx = (b * p.H + h) * T_ + ii;
-          const A lse = ii < T_ ? p.lse[idx] : A(0);
-          s_lse[threadIdx.x] = lse;
-          s_shc[threadIdx.x] = (oeb && ii < T_) ? p.shift[2 * idx + 0] : lse;
-          s_shx[threadIdx.x] = (oeb && ii < T_) ? p.shift[2 * idx + 1] : lse;
+          A sh0 = 0, sh1 = 0, sh2 = 0;
+          if (ii < T_ && oeb) {
+            sh0 = p.shift[3 * idx], sh1 = p.shift[3 * idx + 1], sh2 = p.shift[3 * idx + 2];
+          } else if (ii < T_) {
+            // A_ij = exp(s - lse) / (1 + exp(sink - lse)) = exp(s - log(e^lse + e^sink))
+            sh0 = p.sink != nullptr ? log_add(p.lse[idx], p.sink[h]) : p.lse[idx];
+          }
+          s_sh0[threadIdx.x] = sh0, s_sh1[threadIdx.x] = sh1, s_sh2[threadIdx.x] = sh2;
         }
         __syncthreads();
         const int64_t left = p.d - col0;
@@ -582,10 +616,10 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
         }
       }
       // P' * G for the lane's elements, summed over heads
-      const A lse = s_lse[w.r], shc = s_shc[w.r], shx = s_shx[w.r];
+      const A sh0 = s_sh0[w.r], sh1 = s_sh1[w.r], sh2 = s_sh2[w.r];
       auto add = [&](int e, A s, A g) {
         if (!((vmask >> e) & 1u)) return;
-        const A shift = ((cmask >> e) & 1u) ? shc : (((xmask >> e) & 1u) ? shx : lse);
+        const A shift = ((g2mask >> e) & 1u) ? sh2 : (((g1mask >> e) & 1u) ? sh1 : sh0);
         const A x = exp_a(s * p.scale - shift) * g;
         acc[e] += p.sum_abs ? x : fabs(x);
       };
@@ -705,8 +739,9 @@ void run_typed(Params<T, typename Acc<T>::type> p, bool stats, cudaStream_t stre
 at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                    const at::Tensor& o_in, const at::Tensor& seg_ids, int64_t num_segments,
                                    double scale, c10::string_view head_reduction, const std::optional<at::Tensor>& lse,
-                                   const std::optional<at::Tensor>& oeb_seg_start, double oeb_strength,
-                                   int64_t oeb_num_sink) {
+                                   const std::optional<at::Tensor>& sink, int64_t window,
+                                   const std::optional<at::Tensor>& oeb_bounds, c10::string_view oeb_rule,
+                                   double oeb_strength, double oeb_tau_max, double oeb_eps) {
   const std::string reduction(head_reduction);
   const auto device = q_in.device();
   TORCH_CHECK(device.is_cuda(), "step_saliency_pool (CUDA kernel): q must be on a CUDA device, got ", device);
@@ -714,8 +749,13 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
                                                            reduction);
   const int64_t B = sizes.B, H = sizes.H, Hkv = sizes.Hkv, Tn = sizes.T, D = sizes.d;
   const auto dtype = q_in.scalar_type();
-  TORCH_CHECK(Tn < INT_MAX && num_segments < INT_MAX, "step_saliency_pool (CUDA): T and num_segments must be < ",
-              INT_MAX);
+  check_sink("step_saliency_pool", sink, q_in);
+  TORCH_CHECK(window >= -1 && window != 0, "step_saliency_pool: window must be -1 (full attention) or >= 1, got ",
+              window);
+  const oeb::RuleParams rule = check_oeb_rule("step_saliency_pool", std::string(oeb_rule), oeb_strength, oeb_tau_max,
+                                              oeb_eps);
+  TORCH_CHECK(Tn < INT_MAX / 2 && num_segments < INT_MAX, "step_saliency_pool (CUDA): T and num_segments must be < ",
+              INT_MAX / 2);
   TORCH_CHECK(B <= 65535 && H <= 65535, "step_saliency_pool (CUDA): at most 65535 batch rows and heads, got B = ",
               B, ", H = ", H);
   const at::cuda::CUDAGuard guard(device);
@@ -738,30 +778,39 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
                 "step_saliency_pool: lse must have shape (", B, ", ", H, ", ", Tn, "), got ", lse->sizes());
     lse_c = lse->to(acc_dtype).contiguous();
   }
-  TORCH_CHECK(oeb_strength >= 0 && oeb_strength <= 1, "step_saliency_pool: oeb_strength must be in [0, 1], got ",
-              oeb_strength);
-  TORCH_CHECK(oeb_num_sink >= 0, "step_saliency_pool: oeb_num_sink must be >= 0, got ", oeb_num_sink);
-  at::Tensor ss32;
-  if (oeb_seg_start.has_value()) {
-    const at::Tensor& x = *oeb_seg_start;
-    TORCH_CHECK(x.device() == device, "step_saliency_pool (CUDA kernel): oeb_seg_start must be on ", device,
-                ", got ", x.device());
-    TORCH_CHECK(x.scalar_type() == at::kLong || x.scalar_type() == at::kInt,
-                "step_saliency_pool: oeb_seg_start must be int64 (or int32), got ", x.scalar_type());
-    TORCH_CHECK(x.dim() == 2 && x.size(0) == B && x.size(1) == Tn, "step_saliency_pool: oeb_seg_start must have shape (",
-                B, ", ", Tn, "), got ", x.sizes());
-    if (x.numel() > 0) {
-      const at::Tensor pos = at::arange(Tn, x.options().dtype(at::kLong));
-      const at::Tensor bad = (x < -1).logical_or(x > pos);
-      if (bad.any().item<bool>()) {
-        const at::Tensor where = bad.nonzero()[0].cpu();
+  at::Tensor ob;
+  if (oeb_bounds.has_value()) {
+    const at::Tensor& x = *oeb_bounds;
+    TORCH_CHECK(x.device() == device, "step_saliency_pool (CUDA kernel): oeb_bounds must be on ", device, ", got ",
+                x.device());
+    TORCH_CHECK(x.scalar_type() == at::kLong, "step_saliency_pool: oeb_bounds must be int64, got ", x.scalar_type());
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == B && x.size(1) == Tn && x.size(2) == 2,
+                "step_saliency_pool: oeb_bounds must have shape (", B, ", ", Tn, ", 2), got ", x.sizes());
+    ob = x.contiguous();
+    if (ob.numel() > 0) {  // as the CPU kernel: (-1, -1) or 0 <= a <= b <= i + 1
+      const at::Tensor a = ob.select(2, 0), c = ob.select(2, 1);
+      const at::Tensor end = at::arange(1, Tn + 1, ob.options()).unsqueeze(0);
+      const at::Tensor ok = (a.eq(-1) & c.eq(-1)) | (a.ge(0) & a.le(c) & c.le(end));
+      if (!ok.all().item<bool>()) {
+        const at::Tensor where = ok.logical_not().nonzero()[0].cpu();
         const int64_t row = where[0].item<int64_t>(), col = where[1].item<int64_t>();
-        TORCH_CHECK(false, "step_saliency_pool: oeb_seg_start must be -1 or a key position in [0, i] for query i, got ",
-                    x[row][col].item<int64_t>(), " for query ", col, " of batch row ", row);
+        const at::Tensor bad = ob[row][col].cpu();
+        TORCH_CHECK(false, "step_saliency_pool: oeb_bounds[", row, ", ", col, "] = (", bad[0].item<int64_t>(), ", ",
+                    bad[1].item<int64_t>(), ") must be (-1, -1) or satisfy 0 <= a <= b <= ", col + 1);
+      }
+      // OEB counts keys by position (as oeb_attention, from the row's first valid token): padding
+      // may only sit at the ends of a row, as the CPU kernel requires.
+      const at::Tensor valid = seg_ids.ge(0);
+      const at::Tensor pos = at::arange(Tn, seg_ids.options().dtype(at::kLong)).unsqueeze(0);
+      const at::Tensor first = at::where(valid, pos, Tn).amin(1), last = at::where(valid, pos, -1).amax(1);
+      const at::Tensor count = valid.sum(1);
+      const at::Tensor inside = count.gt(0) & count.ne(last - first + 1);
+      if (inside.any().item<bool>()) {
+        const int64_t row = inside.nonzero()[0][0].item<int64_t>();
+        TORCH_CHECK(false, "step_saliency_pool: with oeb_bounds, padding (seg id -1) must be at the ends of a row, "
+                    "but batch row ", row, " has padding inside it");
       }
     }
-    // strength 0 is the identity (A' = A): no rebalance to compute
-    if (oeb_strength > 0) ss32 = x.to(at::kInt).contiguous();
   }
 
   at::Tensor M = at::zeros({B, num_segments, num_segments}, q_in.options().dtype(at::kDouble));
@@ -772,10 +821,18 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
   bounds_kernel<<<B, kThreads, 0, stream>>>(seg32.data_ptr<int32_t>(), Tn, bounds.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), o = o_in.contiguous();
-  const bool oeb = ss32.defined();
+  const bool oeb = ob.defined();
   const bool stats = !lse_c.defined() || oeb;
   at::Tensor lse_buf = lse_c.defined() ? lse_c : at::empty({B, H, Tn}, q.options().dtype(acc_dtype));
-  at::Tensor shift_buf = oeb ? at::empty({B, H, Tn, 2}, q.options().dtype(acc_dtype)) : at::Tensor();
+  at::Tensor shift_buf = oeb ? at::empty({B, H, Tn, 3}, q.options().dtype(acc_dtype)) : at::Tensor();
+  at::Tensor sink_c;
+  if (sink.has_value()) {  // finite, as the CPU kernel checks (one small device-to-host copy)
+    const at::Tensor host = sink->to(at::kDouble).cpu();
+    const double* x = host.data_ptr<double>();
+    for (int64_t h = 0; h < H; ++h)
+      TORCH_CHECK(std::isfinite(x[h]), "step_saliency_pool: sink[", h, "] = ", x[h], " is not finite");
+    sink_c = sink->to(acc_dtype).contiguous();
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "step_saliency_pool_cuda", [&] {
     using T = typename DeviceType<scalar_t>::type;
@@ -786,20 +843,22 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
     p.v = reinterpret_cast<const T*>(v.data_ptr<scalar_t>());
     p.o = reinterpret_cast<const T*>(o.data_ptr<scalar_t>());
     p.seg = seg32.data_ptr<int32_t>();
-    p.ss = oeb ? ss32.data_ptr<int32_t>() : nullptr;
+    p.ob = oeb ? ob.data_ptr<int64_t>() : nullptr;
     p.bounds = bounds.data_ptr<int32_t>();
     p.lse = lse_buf.data_ptr<A>();
     p.lse_out = lse_c.defined() ? nullptr : lse_buf.data_ptr<A>();
     p.shift = oeb ? shift_buf.data_ptr<A>() : nullptr;
+    p.sink = sink_c.defined() ? sink_c.data_ptr<A>() : nullptr;
     p.M = M.data_ptr<double>();
     p.B = B, p.H = H, p.Hkv = Hkv, p.T = Tn, p.d = D, p.S = num_segments;
+    p.window = (window <= 0 || window >= Tn) ? -1 : window;  // a window over every key is full attention
     p.vec = D % (16 / sizeof(T)) == 0 && aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.o);
     p.sum_abs = reduction == "sum_abs";
     p.scale = static_cast<A>(scale);
-    p.num_sink = std::min(oeb_num_sink, Tn);
-    p.strength = oeb_strength;
+    p.rule = rule;
     run_typed<T>(p, stats, stream);
   });
+  if (reduction == "abs_mean") M.div_(static_cast<double>(H));  // the mean over heads of |A' dL/dA'|
   return M.to(at::kFloat);
 }
 
