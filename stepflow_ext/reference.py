@@ -258,8 +258,9 @@ def oeb_probs(q, k, kv_start, bounds, rule="bridge", strength=0.5, tau_max=0.15,
         # odds keeps sum_j A'_j = 1, so z + log r_g through the softmax with a sink is A' / (1 + sigma)
         a2, active = odds_rebalance(a, g2, g1, strength)
         if sink is not None:
-            sigma = torch.exp(sink.to(a.dtype).view(1, -1, 1) - lse)
-            a2 = a2 / (1 + torch.where(torch.isfinite(lse), sigma, torch.zeros_like(sigma)))[..., None]
+            finite = torch.isfinite(lse)  # rows with no key: no sigma (and no inf in autograd)
+            sigma = torch.exp(sink.to(a.dtype).view(1, -1, 1) - torch.where(finite, lse, torch.zeros_like(lse)))
+            a2 = a2 / (1 + torch.where(finite, sigma, torch.zeros_like(sigma)))[..., None]
     else:
         raise ValueError(f"rule must be 'bridge' or 'odds', got {rule!r}")
     masses = [(a * g[:, None].to(a.dtype)).sum(-1) for g in (g0, g1, g2)]
