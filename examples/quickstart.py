@@ -4,7 +4,7 @@ Run with `make demo`. It builds a trace of a question, five thinking steps and a
 draws attention inputs like one layer of Qwen2-1.5B (12 query heads, 2 kv heads, d = 128),
 and prints the Step-Saliency map (row-normalized: the share of each segment's saliency that
 comes from each earlier segment), how much the Odds-Equal Bridge moves the output, and the
-size of the Step Momentum residual — each next to its distance from stepflow_ext.reference.
+size of the Step Momentum Injection — each next to its distance from stepflow_ext.reference.
 """
 import time
 
@@ -34,19 +34,24 @@ print("row share    " + " ".join(f"{n:>6}" for n in names))
 for a, name in enumerate(names):
     print(f"{name:>10}   " + " ".join(f"{share[a, c].item():6.3f}" if c <= a else "      " for c in range(len(names))))
 
-seg_start = reference.seg_start_from_seg_ids(seg_ids, kinds)
 kv_start = torch.zeros(1, dtype=torch.long)
-plain, _, _ = sf.oeb_attention(q, k, v, seg_start, kv_start, strength=0.0, num_sink=1, scale=scale)
-bridged, _, stats = sf.oeb_attention(q, k, v, seg_start, kv_start, strength=0.5, num_sink=1, scale=scale)
-ref_out, _, _ = reference.oeb_attention(q.double(), k.double(), v.double(), seg_start, kv_start, 0.5, 1, scale)
-locked = (stats[..., 0] > stats[..., 1]) & (stats[..., 1] > 0)
-print(f"\nOdds-Equal Bridge (strength 0.5): {locked.float().mean().item():.1%} of query rows were locked in; "
-      f"output moved by {(bridged - plain).norm().item() / plain.norm().item():.3f} (relative); "
-      f"max error vs reference {(bridged - ref_out).abs().max().item():.2e}")
+bounds = reference.oeb_bounds(seg_ids, kinds, "bridge")       # per query: O | B (bridge) | S (own channel)
+off = torch.full_like(bounds, -1)                              # no row intervened: plain attention
+plain, _, _ = sf.oeb_attention(q, k, v, kv_start, off, "bridge", scale=scale)
+bridged, _, stats = sf.oeb_attention(q, k, v, kv_start, bounds, "bridge", tau_max=0.15, scale=scale)
+ref_out, _, _ = reference.oeb_attention(q.double(), k.double(), v.double(), kv_start, bounds, "bridge",
+                                        tau_max=0.15, scale=scale)
+print(f"\nOdds-Equal Bridge (the paper's bridge rule, tau_max 0.15): it fired on {stats[..., 4].mean().item():.1%} "
+      f"of the (head, query) rows; output moved by {(bridged - plain).norm().item() / plain.norm().item():.3f} "
+      f"(relative); max error vs reference {(bridged - ref_out).abs().max().item():.2e}")
 
-h = torch.randn(1, T, 1536)
-h_new = sf.step_momentum(h, seg_ids, kinds, beta=0.9, gamma=0.05)
-ref_h = reference.step_momentum(h.double(), seg_ids, kinds, 0.9, 0.05)
-print(f"Step Momentum Injection (gamma 0.05): residual/hidden = "
-      f"{((h_new - h).norm(dim=-1) / h.norm(dim=-1)).max().item():.3f} at most; "
-      f"max error vs reference {(h_new - ref_h).abs().max().item():.2e}")
+# Step Momentum Injection, the paper's value rule: the first token of each step k >= 2 gets
+# alpha * the mean value of the last 4 tokens of step k - 1 on each head.
+closed = torch.ones(1, len(lengths), dtype=torch.bool)
+windows = reference.smi_windows(seg_ids, kinds, closed, 4)
+attn = bridged.transpose(1, 2)                                 # (B, T, H, d), as HF attention returns it
+injected = sf.ops.smi_value(attn, v, windows, 0.06, 4)
+ref_inj = reference.smi_value(attn.transpose(1, 2).double(), v.double(), windows, 0.06).transpose(1, 2)
+print(f"Step Momentum Injection (alpha 0.06): {int((windows[..., 0] >= 0).sum())} step starts changed, by "
+      f"{((injected - attn).norm() / attn.norm()).item():.4f} (relative); "
+      f"max error vs reference {(injected - ref_inj).abs().max().item():.2e}")
