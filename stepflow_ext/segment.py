@@ -110,6 +110,9 @@ HARMONY_MARKERS = ("<|channel|>analysis<|message|>", "<|channel|>final<|message|
 STEP_RULES = ("sentence", "paragraph")
 MIN_SENTENCE_CHARS = 15   # the paper's min_chars
 
+WHITESPACE = " \t\n\r\x0b\x0c"   # the paragraph rule's whitespace: ASCII only (never split over tokens)
+BLANK_GAP = " \t\r"              # what may stand between two newlines of a blank line
+
 CONTEXT = 3     # emitted tokens kept before the read offset when the decode window restarts
 WINDOW = 8      # the window restarts when it grows past this many tokens
 MAX_HELD = 16   # tokens held back waiting for a complete UTF-8 character
@@ -154,15 +157,21 @@ class Segmentation:
         valid ids never decrease (segments are contiguous and in order).
     kinds: per row, the kind of each segment: "question" (segment 0), then "step"s, then
         "summary" segments (one, or several with summary_steps). A segment may be empty.
-    closed: per row, per segment, whether the segment was closed by its own last token (a
+    closed: per row, per segment, whether the segment was closed by one of its own tokens (a
         sentence end, a delimiter, the think_end marker; think_start for the question). Lists of
         bools or a (B, S) bool tensor. Default (None): a segment followed by a later non-empty
         segment is closed, the last non-empty one (and any empty ones after it) is open.
+    closing: per row, per segment, the position of the token that closed it, -1 when it is open
+        or was closed without a token of its own (the prompt question with think_start=None).
+        It is the segment's last token except under the paragraph rule, where whitespace-only
+        tokens after a delimiter join the closed segment. Lists of ints or a (B, S) int tensor.
+        Default (None): the last token of each closed non-empty segment.
     """
 
     seg_ids: torch.Tensor
     kinds: list
     closed: list | None = None
+    closing: list | None = None
 
     def __post_init__(self):
         ids = self.seg_ids
@@ -188,6 +197,7 @@ class Segmentation:
             if bool((running != ids)[valid].any()):
                 raise ValueError("seg_ids must be non-decreasing along each row (ignoring -1 padding)")
         self.closed = self._check_closed(self.closed)
+        self.closing = self._check_closing(self.closing)
 
     def _check_closed(self, closed):
         if closed is None:
@@ -205,6 +215,32 @@ class Segmentation:
                     not all(isinstance(f, bool) or f in (0, 1) for f in flags):
                 raise ValueError(f"closed[{r}] must hold one bool per segment ({len(kinds)}), got {flags!r}")
             out.append([bool(f) for f in flags])
+        return out
+
+    def _check_closing(self, closing):
+        first, end, _ = self._table()
+        first, end = first.tolist(), end.tolist()
+        if closing is None:
+            return [[end[r][s] - 1 if flag and end[r][s] > 0 else -1 for s, flag in enumerate(flags)]
+                    for r, flags in enumerate(self.closed)]
+        if isinstance(closing, torch.Tensor):
+            if closing.dim() != 2 or closing.shape[0] != self.batch_size or closing.shape[1] < self.num_segments \
+                    or closing.dtype.is_floating_point or closing.dtype == torch.bool:
+                raise ValueError(f"closing must be a (B, S) integer tensor with B = {self.batch_size} and S >= "
+                                 f"{self.num_segments}, got {tuple(closing.shape)} {closing.dtype}")
+            closing = [row[:len(k)] for row, k in zip(closing.tolist(), self.kinds)]
+        if not isinstance(closing, (list, tuple)) or len(closing) != self.batch_size:
+            raise ValueError(f"closing must be a list with one list of ints per row ({self.batch_size})")
+        out = []
+        for r, (pos, kinds, flags) in enumerate(zip(closing, self.kinds, self.closed)):
+            if not isinstance(pos, (list, tuple)) or len(pos) != len(kinds) or \
+                    not all(isinstance(p, int) and not isinstance(p, bool) for p in pos):
+                raise ValueError(f"closing[{r}] must hold one int per segment ({len(kinds)}), got {pos!r}")
+            for s, p in enumerate(pos):
+                if p != -1 and not (flags[s] and first[r][s] <= p < end[r][s] and self.seg_ids[r, p] == s):
+                    raise ValueError(f"closing[{r}][{s}] = {p} must be -1 or the position of a token of "
+                                     f"segment {s}, which must then be closed")
+            out.append(list(pos))
         return out
 
     # ------------------------------------------------------------------ shape and views
@@ -236,6 +272,13 @@ class Segmentation:
         out = torch.zeros((self.batch_size, self.num_segments), dtype=torch.bool)
         for row, flags in enumerate(self.closed):
             out[row, :len(flags)] = torch.tensor(flags, dtype=torch.bool)
+        return out.to(device if device is not None else self.seg_ids.device)
+
+    def closing_tensor(self, device=None) -> torch.Tensor:
+        """(B, S) int64: `closing` as a tensor; unused slots are -1."""
+        out = torch.full((self.batch_size, self.num_segments), -1, dtype=torch.long)
+        for row, pos in enumerate(self.closing):
+            out[row, :len(pos)] = torch.tensor(pos, dtype=torch.long)
         return out.to(device if device is not None else self.seg_ids.device)
 
     def _table(self):
@@ -288,9 +331,9 @@ class Segmentation:
 
     def smi_prev_step(self) -> torch.Tensor:
         """(B, T, 2) int64: for each token that SMI's `value` rule targets (it starts thinking step
-        k >= 2, step k-1 is not empty, and it is not a 1-token step closed at that token), the key
-        range [start, end) of the whole step k-1; (-1, -1) elsewhere. The SMI window of width w is
-        [max(start, end - w), end)."""
+        k >= 2, step k-1 is not empty, and it does not close its own step: `closing` is not its
+        position), the key range [start, end) of the whole step k-1; (-1, -1) elsewhere. The SMI
+        window of width w is [max(start, end - w), end)."""
         ids = self.seg_ids
         b, t = ids.shape
         out = torch.full((b, t, 2), -1, dtype=torch.long, device=ids.device)
@@ -298,7 +341,7 @@ class Segmentation:
             return out
         first, end, size = self._table()
         kinds = self.seg_kinds_tensor(ids.device)
-        closed = self.closed_tensor(ids.device)
+        closing = self.closing_tensor(ids.device)
         nseg = torch.tensor([len(k) for k in self.kinds], device=ids.device)
         s = torch.arange(kinds.shape[1], device=ids.device)
         real = s[None, :] < nseg[:, None]
@@ -307,7 +350,7 @@ class Segmentation:
         prev_step[:, 1:] = step[:, :-1]
         prev_size = torch.zeros_like(size)
         prev_size[:, 1:] = size[:, :-1]
-        target = step & prev_step & (size > 0) & (prev_size > 0) & ~((size == 1) & closed)
+        target = step & prev_step & (size > 0) & (prev_size > 0) & (closing != first[:, :kinds.shape[1]])
         prev_first = torch.zeros_like(first)
         prev_first[:, 1:] = first[:, :-1]
         prev_end = torch.zeros_like(end)
@@ -336,7 +379,8 @@ class Segmentation:
         return out
 
     def to(self, device) -> "Segmentation":
-        return Segmentation(self.seg_ids.to(device), [list(k) for k in self.kinds], [list(c) for c in self.closed])
+        return Segmentation(self.seg_ids.to(device), [list(k) for k in self.kinds], [list(c) for c in self.closed],
+                            [list(c) for c in self.closing])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -435,6 +479,63 @@ def markers_for(tokenizer=None, model=None) -> tuple:
     return THINK_MARKERS
 
 
+def _vocab_size(tokenizer) -> int:
+    """The number of token ids (added tokens included) of a tokenizers.Tokenizer, a Hugging Face
+    tokenizer or a sentencepiece processor."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if callable(get_vocab):
+        try:
+            vocab = get_vocab(with_added_tokens=True) if _accepts(get_vocab, "with_added_tokens") else get_vocab()
+        except TypeError:
+            vocab = get_vocab()
+        return max(vocab.values(), default=-1) + 1
+    for name in ("get_piece_size", "vocab_size", "get_vocab_size"):
+        size = getattr(tokenizer, name, None)
+        if callable(size):
+            return int(size())
+        if isinstance(size, int):
+            return size
+    raise ValueError(f"cannot read the vocabulary of {type(tokenizer).__name__}: it needs get_vocab(), "
+                     "get_vocab_size() or get_piece_size()")
+
+
+def id_sets_for(tokenizer, think_end="auto", step_delimiter="\n\n", model=None) -> dict:
+    """The id fast path of a tokenizer: {"boundary_token_ids": ..., "think_end_token_ids": ...}.
+
+    boundary_token_ids: every token whose text alone holds the step delimiter (by default a blank
+    line: "\n\n", ".\n\n", "\n\n\n", "\n  \n", ...); think_end_token_ids: every token whose text
+    holds think_end ("auto": per model family, markers_for). Use as
+    `segment(ids, prompt_lengths, **id_sets_for(tok))` or `replace_attention(model, cfg, **id_sets_for(tok))`.
+
+    Raises ValueError when the delimiter or think_end is not one token of the vocabulary (Llama-2 and
+    Mistral spell "\n\n" as two <0x0A> byte tokens; a base Qwen2 vocabulary has no "</think>"
+    token; GPT-OSS's "<|channel|>final<|message|>" is three tokens): the fast path would never see it.
+
+    Even where it is defined, the fast path only approximates the text rule (`tokenizer=`), which
+    is what segment() and replace_attention use whenever a tokenizer is given: it has no
+    think_start (the prompt is the question) and no sentence steps; it misses a delimiter or marker
+    that forms across tokens (".\n" then "\n", which canonical Qwen2 / DeepSeek / Llama-3 encodings
+    never produce but a model may generate); and a whitespace-only token after a blank line opens
+    the next step instead of joining the closed one.
+    """
+    opts = _Options(tokenizer, step_delimiter=step_delimiter, think_end=think_end, think_start=None,
+                    steps="paragraph", model=model)
+    n = _vocab_size(tokenizer)
+    batch = getattr(tokenizer, "decode_batch", None)
+    if callable(batch) and _accepts(batch, "skip_special_tokens"):
+        texts = batch([[i] for i in range(n)], skip_special_tokens=False)
+    else:
+        texts = [opts.decode([i]) for i in range(n)]
+    delimiter, marker = opts.delimiter, opts.think_end
+    for name, s in (("step_delimiter", delimiter), ("think_end", marker)):
+        if s not in texts:
+            raise ValueError(f"{name} {s!r} is not one token of this tokenizer, so the id fast path cannot see "
+                             f"it: pass tokenizer= instead (the text rule)")
+    boundary = frozenset(i for i, t in enumerate(texts) if opts.delim.scan((), t)[0])
+    end_ids = frozenset(i for i, t in enumerate(texts) if marker in t)
+    return {"boundary_token_ids": boundary, "think_end_token_ids": end_ids}
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -446,10 +547,26 @@ def _decoder(tokenizer):
         Tokenizer = ()
     if isinstance(tokenizer, Tokenizer):
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
-    if not callable(getattr(tokenizer, "decode", None)):
-        raise ValueError(f"tokenizer must have a decode method (a tokenizers.Tokenizer or a Hugging Face "
-                         f"tokenizer), got {type(tokenizer).__name__}")
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode):
+        raise ValueError(f"tokenizer must have a decode method (a tokenizers.Tokenizer, a Hugging Face tokenizer, "
+                         f"or any object whose decode(ids) returns the text), got {type(tokenizer).__name__}")
+    if _accepts(decode, "skip_special_tokens"):
+        if _accepts(decode, "clean_up_tokenization_spaces"):
+            return lambda ids: decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return lambda ids: decode(ids, skip_special_tokens=False)
+    return lambda ids: decode(list(ids))   # e.g. a sentencepiece.SentencePieceProcessor
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether fn takes the keyword argument `name` (or **kwargs); True when its signature is unknown."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _id_set(name, ids):
@@ -475,6 +592,43 @@ def _completes(tail: str, piece: str, s: str) -> bool:
     return (tail + piece).find(s, max(0, len(tail) - len(s) + 1)) >= 0
 
 
+class _Delimiter:
+    """step_delimiter as a pattern: its characters in order, where between two consecutive "\n" of it
+    any run of spaces, tabs and "\r" may stand. The default "\n\n" is therefore a blank line: a
+    newline, optional spaces/tabs/"\r", a newline. Matched incrementally (a set of partial-match
+    lengths carried from piece to piece), so an occurrence split over any number of tokens is found
+    in the token where it completes."""
+
+    __slots__ = ("chars", "gap", "n")
+
+    def __init__(self, delimiter: str):
+        self.chars, self.n = delimiter, len(delimiter)
+        # gap[i]: after the (i+1)-th character (a "\n" followed by another "\n"), BLANK_GAP may repeat
+        self.gap = tuple(c == "\n" and delimiter[i + 1:i + 2] == "\n" for i, c in enumerate(delimiter))
+
+    def scan(self, states: tuple, text: str):
+        """-> (completes, states): whether an occurrence ends inside `text` given the partial matches
+        `states` (lengths matched so far) before it, and the partial matches after it."""
+        chars, gap, n = self.chars, self.gap, self.n
+        if not states and chars[0] not in text:
+            return False, states
+        for c in text:
+            new = {1} if c == chars[0] else set()
+            for i in states:
+                if chars[i] == c:
+                    new.add(i + 1)
+                if gap[i - 1] and c in BLANK_GAP:
+                    new.add(i)
+            if n in new:
+                return True, ()
+            states = tuple(new)
+        return False, states
+
+
+def _only_whitespace(piece: str) -> bool:
+    return bool(piece) and not piece.strip(WHITESPACE)
+
+
 class _Options:
     """The segmentation options of 2.1, validated and resolved ("auto" -> per model family)."""
 
@@ -497,6 +651,7 @@ class _Options:
             raise ValueError("segmentation needs a tokenizer, or boundary_token_ids and think_end_token_ids")
         self.delimiter, self.summary_steps = step_delimiter, summary_steps
         self.text = tokenizer is not None
+        self.delim = _Delimiter(step_delimiter)
         if self.text:
             self.decode = _decoder(tokenizer)
             auto = markers_for(tokenizer, model) if "auto" in (think_start, think_end) else None
@@ -550,9 +705,15 @@ class _Detok:
         window = self.window
         window.append(token)
         text = self.decode(window)
-        if text.endswith("\ufffd") and len(window) - self.read < MAX_HELD:
-            return ""  # ends inside a multi-byte character: emit it with the token completing it
         prefix = self.prefix
+        if text.endswith("\ufffd") and len(window) - self.read < MAX_HELD:
+            # Ends inside a multi-byte character: emit the complete characters before it (if any are
+            # new); the partial one comes with the token that completes it.
+            stable = text.rstrip("\ufffd")
+            if len(stable) > len(prefix) and stable.startswith(prefix):
+                self.prefix = stable
+                return stable[len(prefix):]
+            return ""
         common = len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
         if len(window) > WINDOW:  # restart the window at the last CONTEXT (emitted) tokens ...
             keep = CONTEXT
@@ -708,14 +869,17 @@ class _Row:
         self.count = 0                # tokens placed so far
         self.detok = _Detok(opts.decode) if opts.text else None
         self.kinds, self.closed = ["question"], [False]
+        self.closing = [-1]           # per segment: position of the token that closed it (-1: none)
         self.first, self.last = [-1], [-1]   # per segment: first and last position (-1: none yet)
         self.phase = QUESTION
         self.pending = None           # kind of the segment the next token opens
+        self.joinable = False         # the pending segment follows a delimiter: whitespace-only tokens join the
+                                      # closed segment instead of opening it (text rule)
         self.think_pos = self.summary_pos = -1   # first token after the question / first summary token
         self.seg_pos = -1             # start of the current segment (-1 while it is the question)
         self.prev = _NO_PREV          # smi_prev_step of the token just placed
         self.tail = ""                # marker search: last len(marker) - 1 characters of the searched text
-        self.dtail = ""               # delimiter search in the current segment's text
+        self.dstate = ()              # delimiter search in the current segment's text: partial matches
         self.sent = None              # _Sentences of the thinking text (sentence rule)
         self.recorded = 0             # N at the last sentence closure
         self.prompt_core = self.prompt_ws = ""   # think_start=None: end of the prompt text (rstripped, ws)
@@ -725,17 +889,20 @@ class _Row:
     def _open(self, kind: int, pos: int):
         self.kinds.append(KIND_NAMES[kind])
         self.closed.append(False)
+        self.closing.append(-1)
         self.first.append(pos)
         self.last.append(pos)
-        self.seg_pos, self.pending, self.dtail = pos, None, ""
+        self.seg_pos, self.pending, self.dstate, self.joinable = pos, None, (), False
         if self.think_pos < 0:
             self.think_pos = pos
         if kind == SUMMARY and self.summary_pos < 0:
             self.summary_pos = pos
 
-    def _close(self):
-        self.closed[-1] = True
+    def _close(self, pos: int, joinable: bool = False):
+        if not self.closed[-1]:
+            self.closed[-1], self.closing[-1] = True, pos
         self.pending = _KIND_CODE[self.kinds[-1]]
+        self.joinable = joinable
 
     def _start_thinking(self, prefix: str):
         self.phase = self.pending = _THINK
@@ -745,11 +912,12 @@ class _Row:
 
     def _disable_thinking(self):
         self.phase = self.pending = SUMMARY
+        self.joinable = False
 
     def _end_prompt_question(self):
         """think_start=None: the first generated token ends the question (the prompt)."""
         o = self.o
-        self.closed[0] = True
+        self.closed[0], self.closing[0] = True, self.last[0]
         self.tail = ""
         if o.text:
             disabled = self.prompt_core.endswith(o.think_end)
@@ -760,7 +928,7 @@ class _Row:
         else:
             self._start_thinking("")
 
-    def _question(self, token: int, piece, generated: bool):
+    def _question(self, token: int, piece, generated: bool, pos: int):
         o = self.o
         if o.think_start is None:     # the prompt is the question: keep what decides "thinking disabled"
             if not o.text:
@@ -781,7 +949,7 @@ class _Row:
             self.tail = _keep(s, len(ts) - 1)
             return
         # think_start completes in this token: the question's last token.
-        self.closed[0] = True
+        self.closed[0], self.closing[0] = True, pos
         rest = s[i + len(ts):]        # the text after the marker (inside this token's piece)
         if o.think_end in rest:
             self._disable_thinking()
@@ -809,20 +977,23 @@ class _Row:
             if self.first[0] < 0:
                 self.first[0] = pos
             self.last[0] = pos
-            self._question(token, piece, generated)
+            self._question(token, piece, generated, pos)
             return 0
         opened = self.pending is not None
+        search = piece                 # the text searched for the delimiter
+        if opened and self.joinable:   # after a delimiter: whitespace joins the closed segment
+            if _only_whitespace(piece):
+                self.last[-1] = pos
+                if phase == _THINK and self._ends_thinking(token, piece):
+                    self._disable_thinking()   # the closed step, which this token joined, is the last one
+                return len(self.kinds) - 1
+            search = piece.lstrip(WHITESPACE)  # the new segment's text starts at its first non-whitespace
         if opened:
             self._open(self.pending, pos)
         self.last[-1] = pos
         if phase == _THINK:
-            if o.text:
-                ends = _completes(self.tail, piece, o.think_end)
-                self.tail = _keep(self.tail + piece, len(o.think_end) - 1)
-            else:
-                ends = token in o.end_ids
-            if ends:                   # the last token of the thinking
-                self._close()
+            if self._ends_thinking(token, piece):   # the last token of the thinking
+                self._close(pos)
                 self._disable_thinking()
             elif o.steps == "sentence":
                 sent = self.sent
@@ -831,21 +1002,28 @@ class _Row:
                     n = sent.count()
                     if n > self.recorded:
                         self.recorded = n
-                        self._close()
-            elif self._delimiter(token, piece):
-                self._close()
+                        self._close(pos)
+            elif self._delimiter(token, search):
+                self._close(pos, joinable=o.text)
             if opened and len(self.kinds) >= 3 and self.kinds[-2] == "step" and not self.closed[-1]:
                 self.prev = (self.first[-2], self.last[-2] + 1)
-        elif self._delimiter(token, piece):   # a summary segment (summary_steps)
-            self._close()
+        elif self._delimiter(token, search):   # a summary segment (summary_steps)
+            self._close(pos, joinable=o.text)
         return len(self.kinds) - 1
 
-    def _delimiter(self, token: int, piece) -> bool:
+    def _ends_thinking(self, token: int, piece) -> bool:
+        o = self.o
+        if not o.text:
+            return token in o.end_ids
+        ends = _completes(self.tail, piece, o.think_end)
+        self.tail = _keep(self.tail + piece, len(o.think_end) - 1)
+        return ends
+
+    def _delimiter(self, token: int, text) -> bool:
         o = self.o
         if not o.text:
             return token in o.boundary
-        done = _completes(self.dtail, piece, o.delimiter)
-        self.dtail = _keep(self.dtail + piece, len(o.delimiter) - 1)
+        done, self.dstate = o.delim.scan(self.dstate, text)
         return done
 
     # -- per-token outputs (after place)
@@ -944,7 +1122,7 @@ def segment(input_ids, prompt_lengths, tokenizer=None, boundary_token_ids=None, 
                     steps, summary_steps, model)
     ids, valid, device = _rows_and_mask(input_ids, attention_mask)
     prompts = _prompt_lengths(prompt_lengths, [sum(ok) for ok in valid])
-    seg_rows, kinds, closed = [], [], []
+    seg_rows, kinds, closed, closing = [], [], [], []
     for row, ok, p in zip(ids, valid, prompts):
         state = _Row(opts, p)
         out = [-1] * len(row)
@@ -954,8 +1132,9 @@ def segment(input_ids, prompt_lengths, tokenizer=None, boundary_token_ids=None, 
         seg_rows.append(out)
         kinds.append(state.kinds)
         closed.append(state.closed)
+        closing.append(state.closing)
     seg_ids = torch.tensor(seg_rows, dtype=torch.long).reshape(len(ids), len(ids[0]) if ids else 0)
-    return Segmentation(seg_ids.to(device), kinds, closed)
+    return Segmentation(seg_ids.to(device), kinds, closed, closing)
 
 
 # --------------------------------------------------------------------------- online form
@@ -1074,4 +1253,5 @@ class StepTracker:
         """Everything fed so far as a Segmentation (equal to segment() on the whole trace)."""
         if self._rows is None:
             raise RuntimeError("StepTracker.segmentation called before start()")
-        return Segmentation(self.seg_ids, [list(k) for k in self.kinds], [list(c) for c in self.closed])
+        return Segmentation(self.seg_ids, [list(k) for k in self.kinds], [list(c) for c in self.closed],
+                            [list(row.closing) for row in self._rows])
