@@ -880,6 +880,8 @@ class _Row:
         self.prev = _NO_PREV          # smi_prev_step of the token just placed
         self.tail = ""                # marker search: last len(marker) - 1 characters of the searched text
         self.dstate = ()              # delimiter search in the current segment's text: partial matches
+        self.texted = False           # the current segment's text has a non-whitespace character (the
+                                      # delimiter is searched from the first one on)
         self.sent = None              # _Sentences of the thinking text (sentence rule)
         self.recorded = 0             # N at the last sentence closure
         self.prompt_core = self.prompt_ws = ""   # think_start=None: end of the prompt text (rstripped, ws)
@@ -892,7 +894,7 @@ class _Row:
         self.closing.append(-1)
         self.first.append(pos)
         self.last.append(pos)
-        self.seg_pos, self.pending, self.dstate, self.joinable = pos, None, (), False
+        self.seg_pos, self.pending, self.dstate, self.joinable, self.texted = pos, None, (), False, False
         if self.think_pos < 0:
             self.think_pos = pos
         if kind == SUMMARY and self.summary_pos < 0:
@@ -980,14 +982,12 @@ class _Row:
             self._question(token, piece, generated, pos)
             return 0
         opened = self.pending is not None
-        search = piece                 # the text searched for the delimiter
-        if opened and self.joinable:   # after a delimiter: whitespace joins the closed segment
-            if _only_whitespace(piece):
-                self.last[-1] = pos
-                if phase == _THINK and self._ends_thinking(token, piece):
-                    self._disable_thinking()   # the closed step, which this token joined, is the last one
-                return len(self.kinds) - 1
-            search = piece.lstrip(WHITESPACE)  # the new segment's text starts at its first non-whitespace
+        if opened and self.joinable and _only_whitespace(piece):
+            # after a delimiter, whitespace joins the closed segment
+            self.last[-1] = pos
+            if phase == _THINK and self._ends_thinking(token, piece):
+                self._disable_thinking()   # the closed step, which this token joined, is the last one
+            return len(self.kinds) - 1
         if opened:
             self._open(self.pending, pos)
         self.last[-1] = pos
@@ -1003,11 +1003,11 @@ class _Row:
                     if n > self.recorded:
                         self.recorded = n
                         self._close(pos)
-            elif self._delimiter(token, search):
+            elif self._delimiter(token, piece):
                 self._close(pos, joinable=o.text)
             if opened and len(self.kinds) >= 3 and self.kinds[-2] == "step" and not self.closed[-1]:
                 self.prev = (self.first[-2], self.last[-2] + 1)
-        elif self._delimiter(token, search):   # a summary segment (summary_steps)
+        elif self._delimiter(token, piece):   # a summary segment (summary_steps)
             self._close(pos, joinable=o.text)
         return len(self.kinds) - 1
 
@@ -1019,11 +1019,16 @@ class _Row:
         self.tail = _keep(self.tail + piece, len(o.think_end) - 1)
         return ends
 
-    def _delimiter(self, token: int, text) -> bool:
+    def _delimiter(self, token: int, piece) -> bool:
         o = self.o
         if not o.text:
             return token in o.boundary
-        done, self.dstate = o.delim.scan(self.dstate, text)
+        if not self.texted:   # a segment's delimiter search starts at its first non-whitespace character
+            piece = piece.lstrip(WHITESPACE)
+            if not piece:
+                return False
+            self.texted = True
+        done, self.dstate = o.delim.scan(self.dstate, piece)
         return done
 
     # -- per-token outputs (after place)

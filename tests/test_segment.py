@@ -278,7 +278,9 @@ def test_paragraph_rule_examples(style):
             ("step", "a\n \n"), ("step", "b\r\n\r\n"), ("step", "c\n\t \n"), ("step", "d. x \n\n"),
             ("step", "y\n\n \n\n\t\n"), ("step", "z")],
         "a\nb\n c\r\nd": [("step", "a\nb\n c\r\nd")],
-        "\n\n</think>\n\nFive": [("step", "\n\n"), ("step", "</think>"), ("summary", "\n\nFive")],
+        # a blank line before any text of the step ends nothing
+        "\n\n</think>\n\nFive": [("step", "\n\n</think>"), ("summary", "\n\nFive")],
+        "\n\n\nSo.\n\n": [("step", "\n\n\nSo.\n\n")],
         "</think>Five.\n\nx": [("step", "</think>"), ("summary", "Five.\n\nx")],
         "a.\n\n</think>b\n\n</think>c": [("step", "a.\n\n"), ("step", "</think>"), ("summary", "b\n\n</think>c")],
         "a.\n\nb": [("step", "a.\n\n"), ("step", "b")],
@@ -298,10 +300,11 @@ def test_summary_steps():
     gen = "We add them.</think>\n\nFirst line.\n\nSecond line.\n\n\nThird"
     seg, ids, p = run(tok, "<think>", gen, summary_steps=True)
     got = parts(tok, ids, seg)
-    assert [k for k, _ in got] == ["question", "step", "summary", "summary", "summary", "summary"]
-    # ".\n\n\n" is tokenized ".\n\n" + "\n": the third newline joins the closed summary segment
-    assert [t for _, t in got[2:]] == ["\n\n", "First line.\n\n", "Second line.\n\n\n", "Third"]
-    assert seg.closed[0] == [True, True, True, True, True, False]
+    assert [k for k, _ in got] == ["question", "step", "summary", "summary", "summary"]
+    # the blank line right after "</think>" ends nothing; ".\n\n\n" is tokenized ".\n\n" + "\n": the third
+    # newline joins the closed summary segment
+    assert [t for _, t in got[2:]] == ["\n\nFirst line.\n\n", "Second line.\n\n\n", "Third"]
+    assert seg.closed[0] == [True, True, True, True, False]
     seg1, _, _ = run(tok, "<think>", gen)
     assert seg1.kinds == [["question", "step", "summary"]]
 

@@ -10,7 +10,8 @@ held-back byte of a multi-byte character, to the part containing the next charac
 
 The paragraph rule at character level: a delimiter is a match of the regex made from
 step_delimiter with "[ \t\r]*" between its consecutive newlines (the default "\n\n" is a blank
-line), searched with re from the start of the part; the part ends at the end of the token in which
+line), searched with re from the first character of the part that is not ASCII whitespace (a blank
+line at the start of the thinking or the summary ends nothing); the part ends at the end of the token in which
 the match completes and then extends over the ASCII whitespace that follows (the next part starts at
 the first other character). Summary segments (summary_steps) split the same way.
 
@@ -110,6 +111,8 @@ def char_reference(tok, ids, prompt_len, think_start, think_end, steps="sentence
         at or after `stop` are not looked at."""
         out = []
         while True:
+            while pos < len(F) and F[pos] in ASCII_WS:    # a part's search starts at its first other character
+                pos += 1
             m = pattern.search(F, pos)
             if m is None or ends[token_at(m.end())] >= stop:
                 return out
