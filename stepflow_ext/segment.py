@@ -489,14 +489,14 @@ def _vocab_size(tokenizer) -> int:
         except TypeError:
             vocab = get_vocab()
         return max(vocab.values(), default=-1) + 1
-    for name in ("get_piece_size", "vocab_size", "get_vocab_size"):
+    for name in ("get_piece_size", "vocab_size", "get_vocab_size", "n_vocab"):
         size = getattr(tokenizer, name, None)
         if callable(size):
             return int(size())
         if isinstance(size, int):
             return size
     raise ValueError(f"cannot read the vocabulary of {type(tokenizer).__name__}: it needs get_vocab(), "
-                     "get_vocab_size() or get_piece_size()")
+                     "get_vocab_size(), get_piece_size() or n_vocab")
 
 
 def id_sets_for(tokenizer, think_end="auto", step_delimiter="\n\n", model=None) -> dict:
