@@ -10,11 +10,14 @@ and online generation give the same segments by construction):
 - `StepTracker`: the same rule fed token by token (or chunk by chunk) during generation;
   `start()` places the prompt, `feed()` the generated tokens, each returns a `TrackerUpdate`.
 - `markers_for(tokenizer, model)`: the per-family default markers ("auto").
+- `id_sets_for(tokenizer)`: the id fast path's sets derived from a tokenizer (ValueError where the
+  delimiter or think_end is not one token).
 
 Options (the same names in segment(), StepTracker and replace_attention):
   think_start="auto" | str | None, think_end="auto" | str, steps="auto" | "sentence" |
-  "paragraph", summary_steps=False, step_delimiter="\\n\\n"; or the id fast path
-  boundary_token_ids + think_end_token_ids (then: no think_start, paragraph steps).
+  "paragraph", summary_steps=False, step_delimiter="\\n\\n" (a blank line, below); or the id fast
+  path boundary_token_ids + think_end_token_ids (then: no think_start, paragraph steps). With a
+  tokenizer the text rule is always used: the fast path is exact for no real vocabulary.
   "auto" markers: harmony ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>")
   when the model is GPT-OSS or the vocabulary has "<|channel|>", else "<think>", "</think>".
   steps="auto" is "sentence" (the paper's) with a tokenizer and "paragraph" with id sets.
@@ -39,54 +42,76 @@ of its row (incremental detokenization from the row's first valid token, below).
   15 characters, not only digits once ".", ",", "-", " " are removed, not a table row (starts
   with "|", more than twice as many "|" as "\\n"), not a rule line (starts with "|--" or "---",
   shorter than 20). `_Sentences` computes N incrementally (see its docstring for the proof).
-- Steps, rule "paragraph": a step closes at the token in which step_delimiter completes, searched
-  in the text of the step's own tokens.
-- Summary: every token after t_e: one segment, or with summary_steps=True a new summary segment
-  after each token in which step_delimiter completes (searched in the segment's own text; the
-  completing token stays in the segment it closes).
+- Steps, rule "paragraph": a step closes at the token in which the delimiter completes, searched in
+  the text of the step's own tokens from its first character that is not ASCII whitespace (a blank
+  line at the start of the thinking, e.g. right after "<think>", ends nothing). The delimiter is
+  step_delimiter where between two consecutive "\\n" any run of spaces, tabs and "\\r" may stand:
+  the default "\\n\\n" is a blank line ("\\n\\n", "\\n  \\n", "\\r\\n\\r\\n", "\\n\\t\\n"). While the next
+  step is pending (the token after a closing token), a token whose piece is non-empty and only
+  ASCII whitespace (space, \\t, \\n, \\r, \\v, \\f) joins the closed step instead of opening the next
+  one; the first other token opens it. So a run of blank lines is one boundary, whatever the
+  tokenizer makes of it ("\\n\\n\\n" as one token or three <0x0A> byte tokens).
+- Summary: every token after t_e: one segment, or with summary_steps=True segments split like
+  paragraph steps (the same delimiter, searched from the segment's first non-whitespace character,
+  whitespace-only tokens after it joining the closed segment).
 - The token after a closing token starts the next segment; a closure at the last token of a trace
-  opens nothing. `closed[s]` records whether segment s was closed by its own last token
+  opens nothing. `closed[s]` records whether segment s was closed by one of its own tokens
   (think_start for the question, a sentence end / delimiter / think_end for a step, a delimiter for
-  a summary segment); with think_start=None the question is closed when the first generated token
-  arrives.
+  a summary segment) and `closing[s]` which one: its last token, except after a delimiter, where
+  whitespace-only tokens joined it; with think_start=None the question is closed (by its last
+  token) when the first generated token arrives.
 - Id sets: "completes in x_t" means x_t is in the set: boundary_token_ids for the step (and summary)
   delimiter, think_end_token_ids for the end of thinking; the prompt is the question, and the
   thinking is disabled when the last prompt token that is not a boundary token (or the first
   prompt token) is a think_end token.
 
-Incremental detokenization (`_Detok`). piece(t) is the difference between decode(window + x_t) and
-decode(window), where the window holds the recent tokens of the row. The window starts at the
-row's first valid token, or at least CONTEXT tokens before the first token whose text has not been
-emitted yet (the read offset); it restarts there when it grows past WINDOW tokens, moving its start
-back (at most 3 tokens) while its text starts with U+FFFD, so that it never starts inside a UTF-8
-character. One decode per token suffices: the previous decode gives the text without x_t, over the
-same window start. For byte-level BPE the decoded text is the UTF-8 decoding of the concatenated
-bytes and bytes before the read offset are complete characters, so decode(window + x_t) =
-decode(window) + piece(t). For SentencePiece-style decoders (Metaspace, byte fallback + a strip
-of one leading space) the only position-dependent effect is at the window start, which both
-decodes share; byte fallback decodes each run of byte tokens as a whole (an invalid run becomes
-all U+FFFD), hence the rule that the window never starts inside a character. A token that ends
-inside a multi-byte character decodes to U+FFFD: its piece is "" and its bytes are emitted with
-the token that completes the character (the hold-back of vLLM / TGI streaming). After MAX_HELD
-tokens without a complete character (invalid bytes) the text is emitted as is, so the window and
-the cost per token stay bounded: T tokens cost O(T) decodes of <= WINDOW + MAX_HELD tokens.
-In the summary with summary_steps=False nothing is decoded any more.
+Incremental detokenization (`_Detok`). piece(t) is the text that x_t fixes: the characters of
+decode(window + x_t) past those already emitted, where the window holds the recent tokens of the
+row. The window starts at the row's first valid token, or at least CONTEXT tokens before the first
+token whose bytes are not all emitted yet (the read offset); it restarts there when it grows past
+WINDOW tokens, moving its start back (at most 3 tokens) while its text starts with U+FFFD, so that
+it never starts inside a UTF-8 character. This matters: byte fallback (Llama-2, Mistral) decodes
+each run of byte tokens as a whole, and a run cut inside a character turns into U+FFFD — with
+"\\n" itself a byte token (<0x0A>) there, a blank line after such a character would vanish.
+One decode per token suffices: the previous decode gives the text without x_t, over the same
+window start. Decoders covered (and tested on real vocabularies): byte-level BPE (Qwen2,
+DeepSeek, Llama-3 as tokenizers or tiktoken: the UTF-8 decoding of the concatenated bytes),
+SentencePiece through Hugging Face (Metaspace, byte fallback, a strip of one leading space: the
+only position-dependent effect is at the window start, which both decodes share) and
+SentencePiece's own decode. A token that ends inside a multi-byte character decodes to a text
+ending in U+FFFD: its piece is the complete characters before that (often ""), and the rest of its
+bytes are emitted with the token that completes the character (the hold-back of vLLM / TGI
+streaming). After MAX_HELD tokens without a complete character (invalid bytes) the text is
+emitted as is, so the window and the cost per token stay bounded: T tokens cost O(T) decodes of
+<= WINDOW + MAX_HELD tokens. In the summary with summary_steps=False nothing is decoded any more.
+Any tokenizer object works whose decode(ids) returns the text (a tokenizers.Tokenizer, a Hugging
+Face tokenizer, a tiktoken.Encoding, a sentencepiece.SentencePieceProcessor): skip_special_tokens=
+False is passed where decode takes it.
 
 Documented edge behaviour (all follow from the rule above):
 - Tokens place whole: a token whose piece holds text after the marker / delimiter / sentence end
-  (".\\n\\nThe", "\\n\\n\\n", "</think>\\n\\n" as one token) stays whole in the part it closes.
-- Delimiter occurrences are searched in the current segment's text only: tokens "\\n\\n\\n" then
-  "\\n" close one step, not two; separate tokens "\\n" x 4 close after the 2nd and the 4th.
+  (".\\n\\nThe", "\\n\\n\\n", "</think>\\n\\n" as one token) stays whole in the part it closes; a
+  character split over tokens can straddle a boundary (the token holding its first bytes is placed
+  by the characters it completes).
+- Paragraph rule: delimiter occurrences are searched in the current segment's text only, from its
+  first non-whitespace character; tokens "\\n\\n\\n" then "\\n" close one step, and so do four "\\n"
+  tokens (the 2nd closes, the 3rd and 4th join the closed step).
 - A marker split over several tokens: its leading pieces are placed like any text (question or
   thinking; after a step closure they open a new step); the token that completes it closes.
 - Only the first think_start counts; think_end is looked for only after it (an old
   "<|channel|>final<|message|>" earlier in a multi-turn prompt is not an end of thinking).
+- The first think_end after think_start ends the thinking, wherever it stands: a "</think>" quoted
+  inside the thinking (in code, or discussing the format) ends it there. A second thinking block
+  after think_end ("<think>...</think>" again) is summary text.
+- Paragraph rule: blank lines inside code blocks and LaTeX environments end steps like any other
+  (the rule does not parse Markdown or LaTeX).
 - The last thinking step is closed by think_end; while the thinking is still open its last step is
   open unless its last token closed it.
 - A decimal point can close a step ("3." of "3.5" when "3." ends a token and the text before it
-  makes a new counting piece), as in the paper's code.
-- Held-back tokens (a partial UTF-8 character) have an empty piece: they close nothing and are
-  placed in the segment open at that point (the next segment if a closure just happened).
+  makes a new counting piece), as in the paper's code. The sentence rule never splits text without
+  ". " (Chinese "。" is not "."), as in the paper's code.
+- Held-back tokens (only part of a UTF-8 character, piece "") close nothing and are placed in the
+  segment open at that point (the next segment if a closure just happened).
 - think_start=None: the prompt text "ends with think_end" is read after stripping trailing
   whitespace ("</think>\\n\\n" prompts of Qwen3 are caught); think_end inside the prompt elsewhere
   is not looked at.

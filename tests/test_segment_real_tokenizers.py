@@ -480,3 +480,34 @@ def test_id_sets_for(tk):
     pieces = [tk.decode([i]) for i in ids[len(prompt):]]
     joins = any(a in boundary and not pieces[k + 1].strip() for k, a in enumerate(ids[len(prompt):-1]))
     assert text.num_steps(0) == 2 and fast.num_steps(0) == 2 + joins
+
+
+# --------------------------------------------------------------------------- issue #18, item 5
+
+
+def test_documented_behaviours(tk):
+    """A quoted "</think>" ends the thinking; a second thinking block is summary; blank lines in code
+    blocks and LaTeX environments end paragraph steps; a character split over tokens can straddle a
+    boundary."""
+    prompt = tk.prompt_ids("Q?")
+    gen = ("We print the tag `</think>` in code.\n\nMore thinking.\n</think>\n\nAnswer.\n\n<think>\nagain\n</think>\n\n"
+           "end")
+    ids = prompt + tk.encode(gen)
+    for steps in ("sentence", "paragraph"):
+        seg = segment([ids], len(prompt), tokenizer=tk.tok, steps=steps)
+        texts = _step_texts(tk, ids, seg)
+        assert [k for k, _ in texts] == ["question", "step", "summary"]
+        # (tokens place whole: "`</think>`" may end in a ">`" token)
+        assert texts[1][1].strip(WS).startswith("We print the tag `</think>") and "code" not in texts[1][1]
+        assert " in code." in texts[2][1] and texts[2][1].endswith("again\n</think>\n\nend")
+    gen = "Code:\n```python\nx = 1\n\ny = 2\n```\nand\n\\begin{align}\na &= 1 \\\\\n\nb &= 2\n\\end{align}\n</think>"
+    ids = prompt + tk.encode(gen)
+    seg = segment([ids], len(prompt), tokenizer=tk.tok, steps="paragraph")
+    assert [t.strip(WS) for _, t in _step_texts(tk, ids, seg)[1:]] == [
+        "Code:\n```python\nx = 1", "y = 2\n```\nand\n\\begin{align}\na &= 1 \\\\", "b &= 2\n\\end{align}\n</think>"]
+    if tk.name == "r1-distill-llama":   # " 🫠" is " \xf0\x9f" + two byte tokens in Llama-3
+        ids = prompt + tk.encode("Done.\n\n 🫠 next\n</think>")
+        assert [tk.decode([i]) for i in ids[len(prompt) + 2:len(prompt) + 5]][0] == " \ufffd"
+        seg = segment([ids], len(prompt), tokenizer=tk.tok, steps="paragraph")
+        texts = _step_texts(tk, ids, seg)
+        assert texts[1][1].lstrip("\n") == "Done.\n\n " and texts[2][1] == "🫠 next\n</think>"
