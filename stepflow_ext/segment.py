@@ -486,6 +486,16 @@ def _has_token(tokenizer, token: str) -> bool:
     get_vocab = getattr(tokenizer, "get_vocab", None)
     if callable(get_vocab):
         return token in get_vocab()
+    single = getattr(tokenizer, "encode_single_token", None)      # tiktoken.Encoding (GPT-OSS's o200k_harmony)
+    if callable(single):
+        try:
+            single(token)
+            return True
+        except (KeyError, ValueError, TypeError):
+            return False
+    piece_to_id = getattr(tokenizer, "piece_to_id", None)         # sentencepiece.SentencePieceProcessor
+    if callable(piece_to_id) and callable(getattr(tokenizer, "is_unknown", None)):
+        return not tokenizer.is_unknown(piece_to_id(token))
     return False
 
 

@@ -511,3 +511,15 @@ def test_documented_behaviours(tk):
         seg = segment([ids], len(prompt), tokenizer=tk.tok, steps="paragraph")
         texts = _step_texts(tk, ids, seg)
         assert texts[1][1].lstrip("\n") == "Done.\n\n " and texts[2][1] == "🫠 next\n</think>"
+
+
+def test_markers_for_tiktoken_and_sentencepiece():
+    """"auto" markers read the vocabulary of a tiktoken.Encoding (GPT-OSS ships o200k_harmony as one)
+    and of a SentencePieceProcessor too."""
+    import tiktoken
+
+    harmony = tiktoken.Encoding("harmony-like", pat_str=r"\s+|\S+", mergeable_ranks={bytes([b]): b for b in range(256)},
+                                special_tokens={"<|channel|>": 256, "<|message|>": 257})
+    assert segmod.markers_for(harmony) == segmod.HARMONY_MARKERS
+    assert segmod.markers_for(real("r1-distill-llama").tok) == segmod.THINK_MARKERS
+    assert segmod.markers_for(real("mistral-v1").tok) == segmod.THINK_MARKERS
