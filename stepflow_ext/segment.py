@@ -10,11 +10,14 @@ and online generation give the same segments by construction):
 - `StepTracker`: the same rule fed token by token (or chunk by chunk) during generation;
   `start()` places the prompt, `feed()` the generated tokens, each returns a `TrackerUpdate`.
 - `markers_for(tokenizer, model)`: the per-family default markers ("auto").
+- `id_sets_for(tokenizer)`: the id fast path's sets derived from a tokenizer (ValueError where the
+  delimiter or think_end is not one token).
 
 Options (the same names in segment(), StepTracker and replace_attention):
   think_start="auto" | str | None, think_end="auto" | str, steps="auto" | "sentence" |
-  "paragraph", summary_steps=False, step_delimiter="\\n\\n"; or the id fast path
-  boundary_token_ids + think_end_token_ids (then: no think_start, paragraph steps).
+  "paragraph", summary_steps=False, step_delimiter="\\n\\n" (a blank line, below); or the id fast
+  path boundary_token_ids + think_end_token_ids (then: no think_start, paragraph steps). With a
+  tokenizer the text rule is always used: the fast path is exact for no real vocabulary.
   "auto" markers: harmony ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>")
   when the model is GPT-OSS or the vocabulary has "<|channel|>", else "<think>", "</think>".
   steps="auto" is "sentence" (the paper's) with a tokenizer and "paragraph" with id sets.
@@ -39,54 +42,76 @@ of its row (incremental detokenization from the row's first valid token, below).
   15 characters, not only digits once ".", ",", "-", " " are removed, not a table row (starts
   with "|", more than twice as many "|" as "\\n"), not a rule line (starts with "|--" or "---",
   shorter than 20). `_Sentences` computes N incrementally (see its docstring for the proof).
-- Steps, rule "paragraph": a step closes at the token in which step_delimiter completes, searched
-  in the text of the step's own tokens.
-- Summary: every token after t_e: one segment, or with summary_steps=True a new summary segment
-  after each token in which step_delimiter completes (searched in the segment's own text; the
-  completing token stays in the segment it closes).
+- Steps, rule "paragraph": a step closes at the token in which the delimiter completes, searched in
+  the text of the step's own tokens from its first character that is not ASCII whitespace (a blank
+  line at the start of the thinking, e.g. right after "<think>", ends nothing). The delimiter is
+  step_delimiter where between two consecutive "\\n" any run of spaces, tabs and "\\r" may stand:
+  the default "\\n\\n" is a blank line ("\\n\\n", "\\n  \\n", "\\r\\n\\r\\n", "\\n\\t\\n"). While the next
+  step is pending (the token after a closing token), a token whose piece is non-empty and only
+  ASCII whitespace (space, \\t, \\n, \\r, \\v, \\f) joins the closed step instead of opening the next
+  one; the first other token opens it. So a run of blank lines is one boundary, whatever the
+  tokenizer makes of it ("\\n\\n\\n" as one token or three <0x0A> byte tokens).
+- Summary: every token after t_e: one segment, or with summary_steps=True segments split like
+  paragraph steps (the same delimiter, searched from the segment's first non-whitespace character,
+  whitespace-only tokens after it joining the closed segment).
 - The token after a closing token starts the next segment; a closure at the last token of a trace
-  opens nothing. `closed[s]` records whether segment s was closed by its own last token
+  opens nothing. `closed[s]` records whether segment s was closed by one of its own tokens
   (think_start for the question, a sentence end / delimiter / think_end for a step, a delimiter for
-  a summary segment); with think_start=None the question is closed when the first generated token
-  arrives.
+  a summary segment) and `closing[s]` which one: its last token, except after a delimiter, where
+  whitespace-only tokens joined it; with think_start=None the question is closed (by its last
+  token) when the first generated token arrives.
 - Id sets: "completes in x_t" means x_t is in the set: boundary_token_ids for the step (and summary)
   delimiter, think_end_token_ids for the end of thinking; the prompt is the question, and the
   thinking is disabled when the last prompt token that is not a boundary token (or the first
   prompt token) is a think_end token.
 
-Incremental detokenization (`_Detok`). piece(t) is the difference between decode(window + x_t) and
-decode(window), where the window holds the recent tokens of the row. The window starts at the
-row's first valid token, or at least CONTEXT tokens before the first token whose text has not been
-emitted yet (the read offset); it restarts there when it grows past WINDOW tokens, moving its start
-back (at most 3 tokens) while its text starts with U+FFFD, so that it never starts inside a UTF-8
-character. One decode per token suffices: the previous decode gives the text without x_t, over the
-same window start. For byte-level BPE the decoded text is the UTF-8 decoding of the concatenated
-bytes and bytes before the read offset are complete characters, so decode(window + x_t) =
-decode(window) + piece(t). For SentencePiece-style decoders (Metaspace, byte fallback + a strip
-of one leading space) the only position-dependent effect is at the window start, which both
-decodes share; byte fallback decodes each run of byte tokens as a whole (an invalid run becomes
-all U+FFFD), hence the rule that the window never starts inside a character. A token that ends
-inside a multi-byte character decodes to U+FFFD: its piece is "" and its bytes are emitted with
-the token that completes the character (the hold-back of vLLM / TGI streaming). After MAX_HELD
-tokens without a complete character (invalid bytes) the text is emitted as is, so the window and
-the cost per token stay bounded: T tokens cost O(T) decodes of <= WINDOW + MAX_HELD tokens.
-In the summary with summary_steps=False nothing is decoded any more.
+Incremental detokenization (`_Detok`). piece(t) is the text that x_t fixes: the characters of
+decode(window + x_t) past those already emitted, where the window holds the recent tokens of the
+row. The window starts at the row's first valid token, or at least CONTEXT tokens before the first
+token whose bytes are not all emitted yet (the read offset); it restarts there when it grows past
+WINDOW tokens, moving its start back (at most 3 tokens) while its text starts with U+FFFD, so that
+it never starts inside a UTF-8 character. This matters: byte fallback (Llama-2, Mistral) decodes
+each run of byte tokens as a whole, and a run cut inside a character turns into U+FFFD — with
+"\\n" itself a byte token (<0x0A>) there, a blank line after such a character would vanish.
+One decode per token suffices: the previous decode gives the text without x_t, over the same
+window start. Decoders covered (and tested on real vocabularies): byte-level BPE (Qwen2,
+DeepSeek, Llama-3 as tokenizers or tiktoken: the UTF-8 decoding of the concatenated bytes),
+SentencePiece through Hugging Face (Metaspace, byte fallback, a strip of one leading space: the
+only position-dependent effect is at the window start, which both decodes share) and
+SentencePiece's own decode. A token that ends inside a multi-byte character decodes to a text
+ending in U+FFFD: its piece is the complete characters before that (often ""), and the rest of its
+bytes are emitted with the token that completes the character (the hold-back of vLLM / TGI
+streaming). After MAX_HELD tokens without a complete character (invalid bytes) the text is
+emitted as is, so the window and the cost per token stay bounded: T tokens cost O(T) decodes of
+<= WINDOW + MAX_HELD tokens. In the summary with summary_steps=False nothing is decoded any more.
+Any tokenizer object works whose decode(ids) returns the text (a tokenizers.Tokenizer, a Hugging
+Face tokenizer, a tiktoken.Encoding, a sentencepiece.SentencePieceProcessor): skip_special_tokens=
+False is passed where decode takes it.
 
 Documented edge behaviour (all follow from the rule above):
 - Tokens place whole: a token whose piece holds text after the marker / delimiter / sentence end
-  (".\\n\\nThe", "\\n\\n\\n", "</think>\\n\\n" as one token) stays whole in the part it closes.
-- Delimiter occurrences are searched in the current segment's text only: tokens "\\n\\n\\n" then
-  "\\n" close one step, not two; separate tokens "\\n" x 4 close after the 2nd and the 4th.
+  (".\\n\\nThe", "\\n\\n\\n", "</think>\\n\\n" as one token) stays whole in the part it closes; a
+  character split over tokens can straddle a boundary (the token holding its first bytes is placed
+  by the characters it completes).
+- Paragraph rule: delimiter occurrences are searched in the current segment's text only, from its
+  first non-whitespace character; tokens "\\n\\n\\n" then "\\n" close one step, and so do four "\\n"
+  tokens (the 2nd closes, the 3rd and 4th join the closed step).
 - A marker split over several tokens: its leading pieces are placed like any text (question or
   thinking; after a step closure they open a new step); the token that completes it closes.
 - Only the first think_start counts; think_end is looked for only after it (an old
   "<|channel|>final<|message|>" earlier in a multi-turn prompt is not an end of thinking).
+- The first think_end after think_start ends the thinking, wherever it stands: a "</think>" quoted
+  inside the thinking (in code, or discussing the format) ends it there. A second thinking block
+  after think_end ("<think>...</think>" again) is summary text.
+- Paragraph rule: blank lines inside code blocks and LaTeX environments end steps like any other
+  (the rule does not parse Markdown or LaTeX).
 - The last thinking step is closed by think_end; while the thinking is still open its last step is
   open unless its last token closed it.
 - A decimal point can close a step ("3." of "3.5" when "3." ends a token and the text before it
-  makes a new counting piece), as in the paper's code.
-- Held-back tokens (a partial UTF-8 character) have an empty piece: they close nothing and are
-  placed in the segment open at that point (the next segment if a closure just happened).
+  makes a new counting piece), as in the paper's code. The sentence rule never splits text without
+  ". " (Chinese "。" is not "."), as in the paper's code.
+- Held-back tokens (only part of a UTF-8 character, piece "") close nothing and are placed in the
+  segment open at that point (the next segment if a closure just happened).
 - think_start=None: the prompt text "ends with think_end" is read after stripping trailing
   whitespace ("</think>\\n\\n" prompts of Qwen3 are caught); think_end inside the prompt elsewhere
   is not looked at.
@@ -109,6 +134,9 @@ THINK_MARKERS = ("<think>", "</think>")
 HARMONY_MARKERS = ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>")
 STEP_RULES = ("sentence", "paragraph")
 MIN_SENTENCE_CHARS = 15   # the paper's min_chars
+
+WHITESPACE = " \t\n\r\x0b\x0c"   # the paragraph rule's whitespace: ASCII only (never split over tokens)
+BLANK_GAP = " \t\r"              # what may stand between two newlines of a blank line
 
 CONTEXT = 3     # emitted tokens kept before the read offset when the decode window restarts
 WINDOW = 8      # the window restarts when it grows past this many tokens
@@ -154,15 +182,21 @@ class Segmentation:
         valid ids never decrease (segments are contiguous and in order).
     kinds: per row, the kind of each segment: "question" (segment 0), then "step"s, then
         "summary" segments (one, or several with summary_steps). A segment may be empty.
-    closed: per row, per segment, whether the segment was closed by its own last token (a
+    closed: per row, per segment, whether the segment was closed by one of its own tokens (a
         sentence end, a delimiter, the think_end marker; think_start for the question). Lists of
         bools or a (B, S) bool tensor. Default (None): a segment followed by a later non-empty
         segment is closed, the last non-empty one (and any empty ones after it) is open.
+    closing: per row, per segment, the position of the token that closed it, -1 when it is open
+        or was closed without a token of its own (the prompt question with think_start=None).
+        It is the segment's last token except under the paragraph rule, where whitespace-only
+        tokens after a delimiter join the closed segment. Lists of ints or a (B, S) int tensor.
+        Default (None): the last token of each closed non-empty segment.
     """
 
     seg_ids: torch.Tensor
     kinds: list
     closed: list | None = None
+    closing: list | None = None
 
     def __post_init__(self):
         ids = self.seg_ids
@@ -188,6 +222,7 @@ class Segmentation:
             if bool((running != ids)[valid].any()):
                 raise ValueError("seg_ids must be non-decreasing along each row (ignoring -1 padding)")
         self.closed = self._check_closed(self.closed)
+        self.closing = self._check_closing(self.closing)
 
     def _check_closed(self, closed):
         if closed is None:
@@ -205,6 +240,32 @@ class Segmentation:
                     not all(isinstance(f, bool) or f in (0, 1) for f in flags):
                 raise ValueError(f"closed[{r}] must hold one bool per segment ({len(kinds)}), got {flags!r}")
             out.append([bool(f) for f in flags])
+        return out
+
+    def _check_closing(self, closing):
+        first, end, _ = self._table()
+        first, end = first.tolist(), end.tolist()
+        if closing is None:
+            return [[end[r][s] - 1 if flag and end[r][s] > 0 else -1 for s, flag in enumerate(flags)]
+                    for r, flags in enumerate(self.closed)]
+        if isinstance(closing, torch.Tensor):
+            if closing.dim() != 2 or closing.shape[0] != self.batch_size or closing.shape[1] < self.num_segments \
+                    or closing.dtype.is_floating_point or closing.dtype == torch.bool:
+                raise ValueError(f"closing must be a (B, S) integer tensor with B = {self.batch_size} and S >= "
+                                 f"{self.num_segments}, got {tuple(closing.shape)} {closing.dtype}")
+            closing = [row[:len(k)] for row, k in zip(closing.tolist(), self.kinds)]
+        if not isinstance(closing, (list, tuple)) or len(closing) != self.batch_size:
+            raise ValueError(f"closing must be a list with one list of ints per row ({self.batch_size})")
+        out = []
+        for r, (pos, kinds, flags) in enumerate(zip(closing, self.kinds, self.closed)):
+            if not isinstance(pos, (list, tuple)) or len(pos) != len(kinds) or \
+                    not all(isinstance(p, int) and not isinstance(p, bool) for p in pos):
+                raise ValueError(f"closing[{r}] must hold one int per segment ({len(kinds)}), got {pos!r}")
+            for s, p in enumerate(pos):
+                if p != -1 and not (flags[s] and first[r][s] <= p < end[r][s] and self.seg_ids[r, p] == s):
+                    raise ValueError(f"closing[{r}][{s}] = {p} must be -1 or the position of a token of "
+                                     f"segment {s}, which must then be closed")
+            out.append(list(pos))
         return out
 
     # ------------------------------------------------------------------ shape and views
@@ -236,6 +297,13 @@ class Segmentation:
         out = torch.zeros((self.batch_size, self.num_segments), dtype=torch.bool)
         for row, flags in enumerate(self.closed):
             out[row, :len(flags)] = torch.tensor(flags, dtype=torch.bool)
+        return out.to(device if device is not None else self.seg_ids.device)
+
+    def closing_tensor(self, device=None) -> torch.Tensor:
+        """(B, S) int64: `closing` as a tensor; unused slots are -1."""
+        out = torch.full((self.batch_size, self.num_segments), -1, dtype=torch.long)
+        for row, pos in enumerate(self.closing):
+            out[row, :len(pos)] = torch.tensor(pos, dtype=torch.long)
         return out.to(device if device is not None else self.seg_ids.device)
 
     def _table(self):
@@ -288,9 +356,9 @@ class Segmentation:
 
     def smi_prev_step(self) -> torch.Tensor:
         """(B, T, 2) int64: for each token that SMI's `value` rule targets (it starts thinking step
-        k >= 2, step k-1 is not empty, and it is not a 1-token step closed at that token), the key
-        range [start, end) of the whole step k-1; (-1, -1) elsewhere. The SMI window of width w is
-        [max(start, end - w), end)."""
+        k >= 2, step k-1 is not empty, and it does not close its own step: `closing` is not its
+        position), the key range [start, end) of the whole step k-1; (-1, -1) elsewhere. The SMI
+        window of width w is [max(start, end - w), end)."""
         ids = self.seg_ids
         b, t = ids.shape
         out = torch.full((b, t, 2), -1, dtype=torch.long, device=ids.device)
@@ -298,7 +366,7 @@ class Segmentation:
             return out
         first, end, size = self._table()
         kinds = self.seg_kinds_tensor(ids.device)
-        closed = self.closed_tensor(ids.device)
+        closing = self.closing_tensor(ids.device)
         nseg = torch.tensor([len(k) for k in self.kinds], device=ids.device)
         s = torch.arange(kinds.shape[1], device=ids.device)
         real = s[None, :] < nseg[:, None]
@@ -307,7 +375,7 @@ class Segmentation:
         prev_step[:, 1:] = step[:, :-1]
         prev_size = torch.zeros_like(size)
         prev_size[:, 1:] = size[:, :-1]
-        target = step & prev_step & (size > 0) & (prev_size > 0) & ~((size == 1) & closed)
+        target = step & prev_step & (size > 0) & (prev_size > 0) & (closing != first[:, :kinds.shape[1]])
         prev_first = torch.zeros_like(first)
         prev_first[:, 1:] = first[:, :-1]
         prev_end = torch.zeros_like(end)
@@ -336,7 +404,8 @@ class Segmentation:
         return out
 
     def to(self, device) -> "Segmentation":
-        return Segmentation(self.seg_ids.to(device), [list(k) for k in self.kinds], [list(c) for c in self.closed])
+        return Segmentation(self.seg_ids.to(device), [list(k) for k in self.kinds], [list(c) for c in self.closed],
+                            [list(c) for c in self.closing])
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -417,6 +486,16 @@ def _has_token(tokenizer, token: str) -> bool:
     get_vocab = getattr(tokenizer, "get_vocab", None)
     if callable(get_vocab):
         return token in get_vocab()
+    single = getattr(tokenizer, "encode_single_token", None)      # tiktoken.Encoding (GPT-OSS's o200k_harmony)
+    if callable(single):
+        try:
+            single(token)
+            return True
+        except (KeyError, ValueError, TypeError):
+            return False
+    piece_to_id = getattr(tokenizer, "piece_to_id", None)         # sentencepiece.SentencePieceProcessor
+    if callable(piece_to_id) and callable(getattr(tokenizer, "is_unknown", None)):
+        return not tokenizer.is_unknown(piece_to_id(token))
     return False
 
 
@@ -435,6 +514,63 @@ def markers_for(tokenizer=None, model=None) -> tuple:
     return THINK_MARKERS
 
 
+def _vocab_size(tokenizer) -> int:
+    """The number of token ids (added tokens included) of a tokenizers.Tokenizer, a Hugging Face
+    tokenizer or a sentencepiece processor."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if callable(get_vocab):
+        try:
+            vocab = get_vocab(with_added_tokens=True) if _accepts(get_vocab, "with_added_tokens") else get_vocab()
+        except TypeError:
+            vocab = get_vocab()
+        return max(vocab.values(), default=-1) + 1
+    for name in ("get_piece_size", "vocab_size", "get_vocab_size", "n_vocab"):
+        size = getattr(tokenizer, name, None)
+        if callable(size):
+            return int(size())
+        if isinstance(size, int):
+            return size
+    raise ValueError(f"cannot read the vocabulary of {type(tokenizer).__name__}: it needs get_vocab(), "
+                     "get_vocab_size(), get_piece_size() or n_vocab")
+
+
+def id_sets_for(tokenizer, think_end="auto", step_delimiter="\n\n", model=None) -> dict:
+    """The id fast path of a tokenizer: {"boundary_token_ids": ..., "think_end_token_ids": ...}.
+
+    boundary_token_ids: every token whose text alone holds the step delimiter (by default a blank
+    line: "\n\n", ".\n\n", "\n\n\n", "\n  \n", ...); think_end_token_ids: every token whose text
+    holds think_end ("auto": per model family, markers_for). Use as
+    `segment(ids, prompt_lengths, **id_sets_for(tok))` or `replace_attention(model, cfg, **id_sets_for(tok))`.
+
+    Raises ValueError when the delimiter or think_end is not one token of the vocabulary (Llama-2 and
+    Mistral spell "\n\n" as two <0x0A> byte tokens; a base Qwen2 vocabulary has no "</think>"
+    token; GPT-OSS's "<|channel|>final<|message|>" is three tokens): the fast path would never see it.
+
+    Even where it is defined, the fast path only approximates the text rule (`tokenizer=`), which
+    is what segment() and replace_attention use whenever a tokenizer is given: it has no
+    think_start (the prompt is the question) and no sentence steps; it misses a delimiter or marker
+    that forms across tokens (".\n" then "\n", which canonical Qwen2 / DeepSeek / Llama-3 encodings
+    never produce but a model may generate); and a whitespace-only token after a blank line opens
+    the next step instead of joining the closed one.
+    """
+    opts = _Options(tokenizer, step_delimiter=step_delimiter, think_end=think_end, think_start=None,
+                    steps="paragraph", model=model)
+    n = _vocab_size(tokenizer)
+    batch = getattr(tokenizer, "decode_batch", None)
+    if callable(batch) and _accepts(batch, "skip_special_tokens"):
+        texts = batch([[i] for i in range(n)], skip_special_tokens=False)
+    else:
+        texts = [opts.decode([i]) for i in range(n)]
+    delimiter, marker = opts.delimiter, opts.think_end
+    for name, s in (("step_delimiter", delimiter), ("think_end", marker)):
+        if s not in texts:
+            raise ValueError(f"{name} {s!r} is not one token of this tokenizer, so the id fast path cannot see "
+                             f"it: pass tokenizer= instead (the text rule)")
+    boundary = frozenset(i for i, t in enumerate(texts) if opts.delim.scan((), t)[0])
+    end_ids = frozenset(i for i, t in enumerate(texts) if marker in t)
+    return {"boundary_token_ids": boundary, "think_end_token_ids": end_ids}
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -446,10 +582,26 @@ def _decoder(tokenizer):
         Tokenizer = ()
     if isinstance(tokenizer, Tokenizer):
         return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
-    if not callable(getattr(tokenizer, "decode", None)):
-        raise ValueError(f"tokenizer must have a decode method (a tokenizers.Tokenizer or a Hugging Face "
-                         f"tokenizer), got {type(tokenizer).__name__}")
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode):
+        raise ValueError(f"tokenizer must have a decode method (a tokenizers.Tokenizer, a Hugging Face tokenizer, "
+                         f"or any object whose decode(ids) returns the text), got {type(tokenizer).__name__}")
+    if _accepts(decode, "skip_special_tokens"):
+        if _accepts(decode, "clean_up_tokenization_spaces"):
+            return lambda ids: decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return lambda ids: decode(ids, skip_special_tokens=False)
+    return lambda ids: decode(list(ids))   # e.g. a sentencepiece.SentencePieceProcessor
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether fn takes the keyword argument `name` (or **kwargs); True when its signature is unknown."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _id_set(name, ids):
@@ -475,6 +627,43 @@ def _completes(tail: str, piece: str, s: str) -> bool:
     return (tail + piece).find(s, max(0, len(tail) - len(s) + 1)) >= 0
 
 
+class _Delimiter:
+    """step_delimiter as a pattern: its characters in order, where between two consecutive "\n" of it
+    any run of spaces, tabs and "\r" may stand. The default "\n\n" is therefore a blank line: a
+    newline, optional spaces/tabs/"\r", a newline. Matched incrementally (a set of partial-match
+    lengths carried from piece to piece), so an occurrence split over any number of tokens is found
+    in the token where it completes."""
+
+    __slots__ = ("chars", "gap", "n")
+
+    def __init__(self, delimiter: str):
+        self.chars, self.n = delimiter, len(delimiter)
+        # gap[i]: after the (i+1)-th character (a "\n" followed by another "\n"), BLANK_GAP may repeat
+        self.gap = tuple(c == "\n" and delimiter[i + 1:i + 2] == "\n" for i, c in enumerate(delimiter))
+
+    def scan(self, states: tuple, text: str):
+        """-> (completes, states): whether an occurrence ends inside `text` given the partial matches
+        `states` (lengths matched so far) before it, and the partial matches after it."""
+        chars, gap, n = self.chars, self.gap, self.n
+        if not states and chars[0] not in text:
+            return False, states
+        for c in text:
+            new = {1} if c == chars[0] else set()
+            for i in states:
+                if chars[i] == c:
+                    new.add(i + 1)
+                if gap[i - 1] and c in BLANK_GAP:
+                    new.add(i)
+            if n in new:
+                return True, ()
+            states = tuple(new)
+        return False, states
+
+
+def _only_whitespace(piece: str) -> bool:
+    return bool(piece) and not piece.strip(WHITESPACE)
+
+
 class _Options:
     """The segmentation options of 2.1, validated and resolved ("auto" -> per model family)."""
 
@@ -497,6 +686,7 @@ class _Options:
             raise ValueError("segmentation needs a tokenizer, or boundary_token_ids and think_end_token_ids")
         self.delimiter, self.summary_steps = step_delimiter, summary_steps
         self.text = tokenizer is not None
+        self.delim = _Delimiter(step_delimiter)
         if self.text:
             self.decode = _decoder(tokenizer)
             auto = markers_for(tokenizer, model) if "auto" in (think_start, think_end) else None
@@ -550,9 +740,15 @@ class _Detok:
         window = self.window
         window.append(token)
         text = self.decode(window)
-        if text.endswith("\ufffd") and len(window) - self.read < MAX_HELD:
-            return ""  # ends inside a multi-byte character: emit it with the token completing it
         prefix = self.prefix
+        if text.endswith("\ufffd") and len(window) - self.read < MAX_HELD:
+            # Ends inside a multi-byte character: emit the complete characters before it (if any are
+            # new); the partial one comes with the token that completes it.
+            stable = text.rstrip("\ufffd")
+            if len(stable) > len(prefix) and stable.startswith(prefix):
+                self.prefix = stable
+                return stable[len(prefix):]
+            return ""
         common = len(prefix) if text.startswith(prefix) else len(os.path.commonprefix([prefix, text]))
         if len(window) > WINDOW:  # restart the window at the last CONTEXT (emitted) tokens ...
             keep = CONTEXT
@@ -708,14 +904,19 @@ class _Row:
         self.count = 0                # tokens placed so far
         self.detok = _Detok(opts.decode) if opts.text else None
         self.kinds, self.closed = ["question"], [False]
+        self.closing = [-1]           # per segment: position of the token that closed it (-1: none)
         self.first, self.last = [-1], [-1]   # per segment: first and last position (-1: none yet)
         self.phase = QUESTION
         self.pending = None           # kind of the segment the next token opens
+        self.joinable = False         # the pending segment follows a delimiter: whitespace-only tokens join the
+                                      # closed segment instead of opening it (text rule)
         self.think_pos = self.summary_pos = -1   # first token after the question / first summary token
         self.seg_pos = -1             # start of the current segment (-1 while it is the question)
         self.prev = _NO_PREV          # smi_prev_step of the token just placed
         self.tail = ""                # marker search: last len(marker) - 1 characters of the searched text
-        self.dtail = ""               # delimiter search in the current segment's text
+        self.dstate = ()              # delimiter search in the current segment's text: partial matches
+        self.texted = False           # the current segment's text has a non-whitespace character (the
+                                      # delimiter is searched from the first one on)
         self.sent = None              # _Sentences of the thinking text (sentence rule)
         self.recorded = 0             # N at the last sentence closure
         self.prompt_core = self.prompt_ws = ""   # think_start=None: end of the prompt text (rstripped, ws)
@@ -725,17 +926,20 @@ class _Row:
     def _open(self, kind: int, pos: int):
         self.kinds.append(KIND_NAMES[kind])
         self.closed.append(False)
+        self.closing.append(-1)
         self.first.append(pos)
         self.last.append(pos)
-        self.seg_pos, self.pending, self.dtail = pos, None, ""
+        self.seg_pos, self.pending, self.dstate, self.joinable, self.texted = pos, None, (), False, False
         if self.think_pos < 0:
             self.think_pos = pos
         if kind == SUMMARY and self.summary_pos < 0:
             self.summary_pos = pos
 
-    def _close(self):
-        self.closed[-1] = True
+    def _close(self, pos: int, joinable: bool = False):
+        if not self.closed[-1]:
+            self.closed[-1], self.closing[-1] = True, pos
         self.pending = _KIND_CODE[self.kinds[-1]]
+        self.joinable = joinable
 
     def _start_thinking(self, prefix: str):
         self.phase = self.pending = _THINK
@@ -745,11 +949,12 @@ class _Row:
 
     def _disable_thinking(self):
         self.phase = self.pending = SUMMARY
+        self.joinable = False
 
     def _end_prompt_question(self):
         """think_start=None: the first generated token ends the question (the prompt)."""
         o = self.o
-        self.closed[0] = True
+        self.closed[0], self.closing[0] = True, self.last[0]
         self.tail = ""
         if o.text:
             disabled = self.prompt_core.endswith(o.think_end)
@@ -760,7 +965,7 @@ class _Row:
         else:
             self._start_thinking("")
 
-    def _question(self, token: int, piece, generated: bool):
+    def _question(self, token: int, piece, generated: bool, pos: int):
         o = self.o
         if o.think_start is None:     # the prompt is the question: keep what decides "thinking disabled"
             if not o.text:
@@ -781,7 +986,7 @@ class _Row:
             self.tail = _keep(s, len(ts) - 1)
             return
         # think_start completes in this token: the question's last token.
-        self.closed[0] = True
+        self.closed[0], self.closing[0] = True, pos
         rest = s[i + len(ts):]        # the text after the marker (inside this token's piece)
         if o.think_end in rest:
             self._disable_thinking()
@@ -809,20 +1014,21 @@ class _Row:
             if self.first[0] < 0:
                 self.first[0] = pos
             self.last[0] = pos
-            self._question(token, piece, generated)
+            self._question(token, piece, generated, pos)
             return 0
         opened = self.pending is not None
+        if opened and self.joinable and _only_whitespace(piece):
+            # after a delimiter, whitespace joins the closed segment
+            self.last[-1] = pos
+            if phase == _THINK and self._ends_thinking(token, piece):
+                self._disable_thinking()   # the closed step, which this token joined, is the last one
+            return len(self.kinds) - 1
         if opened:
             self._open(self.pending, pos)
         self.last[-1] = pos
         if phase == _THINK:
-            if o.text:
-                ends = _completes(self.tail, piece, o.think_end)
-                self.tail = _keep(self.tail + piece, len(o.think_end) - 1)
-            else:
-                ends = token in o.end_ids
-            if ends:                   # the last token of the thinking
-                self._close()
+            if self._ends_thinking(token, piece):   # the last token of the thinking
+                self._close(pos)
                 self._disable_thinking()
             elif o.steps == "sentence":
                 sent = self.sent
@@ -831,21 +1037,33 @@ class _Row:
                     n = sent.count()
                     if n > self.recorded:
                         self.recorded = n
-                        self._close()
+                        self._close(pos)
             elif self._delimiter(token, piece):
-                self._close()
+                self._close(pos, joinable=o.text)
             if opened and len(self.kinds) >= 3 and self.kinds[-2] == "step" and not self.closed[-1]:
                 self.prev = (self.first[-2], self.last[-2] + 1)
         elif self._delimiter(token, piece):   # a summary segment (summary_steps)
-            self._close()
+            self._close(pos, joinable=o.text)
         return len(self.kinds) - 1
+
+    def _ends_thinking(self, token: int, piece) -> bool:
+        o = self.o
+        if not o.text:
+            return token in o.end_ids
+        ends = _completes(self.tail, piece, o.think_end)
+        self.tail = _keep(self.tail + piece, len(o.think_end) - 1)
+        return ends
 
     def _delimiter(self, token: int, piece) -> bool:
         o = self.o
         if not o.text:
             return token in o.boundary
-        done = _completes(self.dtail, piece, o.delimiter)
-        self.dtail = _keep(self.dtail + piece, len(o.delimiter) - 1)
+        if not self.texted:   # a segment's delimiter search starts at its first non-whitespace character
+            piece = piece.lstrip(WHITESPACE)
+            if not piece:
+                return False
+            self.texted = True
+        done, self.dstate = o.delim.scan(self.dstate, piece)
         return done
 
     # -- per-token outputs (after place)
@@ -944,7 +1162,7 @@ def segment(input_ids, prompt_lengths, tokenizer=None, boundary_token_ids=None, 
                     steps, summary_steps, model)
     ids, valid, device = _rows_and_mask(input_ids, attention_mask)
     prompts = _prompt_lengths(prompt_lengths, [sum(ok) for ok in valid])
-    seg_rows, kinds, closed = [], [], []
+    seg_rows, kinds, closed, closing = [], [], [], []
     for row, ok, p in zip(ids, valid, prompts):
         state = _Row(opts, p)
         out = [-1] * len(row)
@@ -954,8 +1172,9 @@ def segment(input_ids, prompt_lengths, tokenizer=None, boundary_token_ids=None, 
         seg_rows.append(out)
         kinds.append(state.kinds)
         closed.append(state.closed)
+        closing.append(state.closing)
     seg_ids = torch.tensor(seg_rows, dtype=torch.long).reshape(len(ids), len(ids[0]) if ids else 0)
-    return Segmentation(seg_ids.to(device), kinds, closed)
+    return Segmentation(seg_ids.to(device), kinds, closed, closing)
 
 
 # --------------------------------------------------------------------------- online form
@@ -1074,4 +1293,5 @@ class StepTracker:
         """Everything fed so far as a Segmentation (equal to segment() on the whole trace)."""
         if self._rows is None:
             raise RuntimeError("StepTracker.segmentation called before start()")
-        return Segmentation(self.seg_ids, [list(k) for k in self.kinds], [list(c) for c in self.closed])
+        return Segmentation(self.seg_ids, [list(k) for k in self.kinds], [list(c) for c in self.closed],
+                            [list(row.closing) for row in self._rows])

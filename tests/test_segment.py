@@ -271,8 +271,16 @@ def test_paragraph_rule_examples(style):
         "So we add.\n\nCheck it\n\nwait</think>\n\nFive.\n\nDone":
             [("step", "So we add.\n\n"), ("step", "Check it\n\n"), ("step", "wait</think>"),
              ("summary", "\n\nFive.\n\nDone")],
-        "a\n\n\nb.\n\n\n\nc": [("step", "a\n\n"), ("step", "\nb.\n\n"), ("step", "\n\n"), ("step", "c")],
-        "\n\n</think>\n\nFive": [("step", "\n\n"), ("step", "</think>"), ("summary", "\n\nFive")],
+        # whitespace after a blank line joins the closed step, however the tokenizer splits it
+        "a\n\n\nb.\n\n\n\nc": [("step", "a\n\n\n"), ("step", "b.\n\n\n\n"), ("step", "c")],
+        # a blank line may hold spaces, tabs and "\r"
+        "a\n \nb\r\n\r\nc\n\t \nd. x \n\ny\n\n \n\n\t\nz": [
+            ("step", "a\n \n"), ("step", "b\r\n\r\n"), ("step", "c\n\t \n"), ("step", "d. x \n\n"),
+            ("step", "y\n\n \n\n\t\n"), ("step", "z")],
+        "a\nb\n c\r\nd": [("step", "a\nb\n c\r\nd")],
+        # a blank line before any text of the step ends nothing
+        "\n\n</think>\n\nFive": [("step", "\n\n</think>"), ("summary", "\n\nFive")],
+        "\n\n\nSo.\n\n": [("step", "\n\n\nSo.\n\n")],
         "</think>Five.\n\nx": [("step", "</think>"), ("summary", "Five.\n\nx")],
         "a.\n\n</think>b\n\n</think>c": [("step", "a.\n\n"), ("step", "</think>"), ("summary", "b\n\n</think>c")],
         "a.\n\nb": [("step", "a.\n\n"), ("step", "b")],
@@ -292,10 +300,11 @@ def test_summary_steps():
     gen = "We add them.</think>\n\nFirst line.\n\nSecond line.\n\n\nThird"
     seg, ids, p = run(tok, "<think>", gen, summary_steps=True)
     got = parts(tok, ids, seg)
-    assert [k for k, _ in got] == ["question", "step", "summary", "summary", "summary", "summary"]
-    # ".\n\n\n" is tokenized ".\n\n" + "\n": the third newline opens the next summary segment
-    assert [t for _, t in got[2:]] == ["\n\n", "First line.\n\n", "Second line.\n\n", "\nThird"]
-    assert seg.closed[0] == [True, True, True, True, True, False]
+    assert [k for k, _ in got] == ["question", "step", "summary", "summary", "summary"]
+    # the blank line right after "</think>" ends nothing; ".\n\n\n" is tokenized ".\n\n" + "\n": the third
+    # newline joins the closed summary segment
+    assert [t for _, t in got[2:]] == ["\n\nFirst line.\n\n", "Second line.\n\n\n", "Third"]
+    assert seg.closed[0] == [True, True, True, True, False]
     seg1, _, _ = run(tok, "<think>", gen)
     assert seg1.kinds == [["question", "step", "summary"]]
 
@@ -456,8 +465,9 @@ def ids_containing(tok, s):
 
 
 def test_id_sets_equal_text_rule():
-    """Where "\\n\\n" and "</think>" never form across tokens (Qwen2 style, added marker), the id sets
-    give the text rule's paragraph segmentation with think_start=None."""
+    """Where "\\n\\n" and "</think>" never form across tokens (Qwen2 style, added marker) and no
+    whitespace-only token follows a delimiter (the text rule joins it to the closed step; the id sets
+    cannot tell), the id sets give the text rule's paragraph segmentation with think_start=None."""
     tok = get_tokenizer("qwen2", "added")
     kw = dict(boundary_token_ids=ids_containing(tok, "\n\n"), think_end_token_ids={tok.token_to_id("</think>")})
     rng = random.Random(3)
@@ -469,6 +479,9 @@ def test_id_sets_equal_text_rule():
         # skip texts where "\n" tokens pair up into a delimiter the id sets cannot see
         if any(text(tok, [a]).endswith("\n") and text(tok, [b]).startswith("\n")
                for a, b in zip(seg_ids, seg_ids[1:])):
+            continue
+        # ... and texts where a whitespace-only token follows a delimiter
+        if any(a in kw["boundary_token_ids"] and not text(tok, [b]).strip() for a, b in zip(seg_ids, seg_ids[1:])):
             continue
         for summary_steps in (False, True):
             by_text = segment([seg_ids], p, tokenizer=tok, think_start=None, steps="paragraph",

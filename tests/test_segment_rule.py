@@ -8,8 +8,15 @@ boundaries at character offsets. Tokens are then mapped to parts by the characte
 belongs to the part containing the last character it adds (a token that adds no character, a
 held-back byte of a multi-byte character, to the part containing the next character).
 
+The paragraph rule at character level: a delimiter is a match of the regex made from
+step_delimiter with "[ \t\r]*" between its consecutive newlines (the default "\n\n" is a blank
+line), searched with re from the first character of the part that is not ASCII whitespace (a blank
+line at the start of the thinking or the summary ends nothing); the part ends at the end of the token in which
+the match completes and then extends over the ASCII whitespace that follows (the next part starts at
+the first other character). Summary segments (summary_steps) split the same way.
+
 segment() (offline), StepTracker fed token by token, and StepTracker fed in random chunks must all
-equal it — seg ids, kinds and closed flags — on the three tokenizer styles of
+equal it — seg ids, kinds, closed flags and closing positions — on the three tokenizer styles of
 test_segment_tokenizers, for traces built from tricky fragments: decimals, abbreviations,
 ellipses, tables, code blocks, LaTeX, numbered lists, short sentences, sentences ending inside a
 token, CJK and emoji, markers split over tokens, in the prompt or generated, empty thinking, no
@@ -31,6 +38,17 @@ from stepflow_ext.segment import StepTracker, segment
 from test_segment_tokenizers import ALL, get_tokenizer
 
 THINK = ("<think>", "</think>")
+ASCII_WS = " \t\n\r\x0b\x0c"
+
+
+def delimiter_regex(delimiter):
+    """The delimiter as a regex: "[ \t\r]*" may stand between two consecutive newlines of it."""
+    out = ""
+    for i, c in enumerate(delimiter):
+        out += re.escape(c)
+        if c == "\n" and delimiter[i + 1:i + 2] == "\n":
+            out += "[ \t\r]*"
+    return re.compile(out)
 HARMONY = ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>")
 
 
@@ -78,40 +96,58 @@ def char_offsets(tok, ids):
 
 def char_reference(tok, ids, prompt_len, think_start, think_end, steps="sentence", summary_steps=False,
                    delimiter="\n\n"):
-    """-> (seg ids, kinds, closed) of one row by the character-level rule."""
+    """-> (seg ids, kinds, closed, closing) of one row by the character-level rule."""
     F, begins, ends = char_offsets(tok, ids)
     n = len(ids)
     INF = len(F) + 1
+    pattern = delimiter_regex(delimiter)
 
     def token_at(c):
         """The token whose piece holds character offset c - 1 (an occurrence ending at c ends in it)."""
         return next(t for t in range(n) if ends[t] >= c)
 
+    def paragraphs(pos, stop, kind):
+        """Boundaries (offset, kind, closing token) of paragraph parts from pos; delimiters completing
+        at or after `stop` are not looked at."""
+        out = []
+        while True:
+            while pos < len(F) and F[pos] in ASCII_WS:    # a part's search starts at its first other character
+                pos += 1
+            m = pattern.search(F, pos)
+            if m is None or ends[token_at(m.end())] >= stop:
+                return out
+            closer = token_at(m.end())
+            pos = ends[closer]
+            while pos < len(F) and F[pos] in ASCII_WS:    # whitespace after a delimiter stays in the part
+                pos += 1
+            out.append((pos, kind, closer))
+
     # The question.
     if think_start is not None:
         k = F.find(think_start)
         if k < 0:
-            return [0] * n, ["question"], [False]
-        q_end = ends[token_at(k + len(think_start))]
+            return [0] * n, ["question"], [False], [-1]
         t_s = token_at(k + len(think_start))
+        q_end = ends[t_s]
         search = k + len(think_start)
         prefix = F[begins[t_s]:ends[t_s]] if t_s >= prompt_len else ""
         disabled = False
-        question_closed = True
+        question_closer = t_s
     else:
         t_s = prompt_len - 1
         q_end = ends[t_s] if prompt_len else 0
         search = q_end
         prefix = ""
         disabled = F[:q_end].rstrip().endswith(think_end)
-        question_closed = n > prompt_len
+        question_closer = t_s if n > prompt_len else None   # closed when a generated token comes
     # The end of the thinking.
     if disabled:
-        th_end = q_end
+        th_end, t_e = q_end, None
     else:
         j = F.find(think_end, search)
-        th_end = ends[token_at(j + len(think_end))] if j >= 0 else INF
-    boundaries = [(q_end, "step")]
+        t_e = token_at(j + len(think_end)) if j >= 0 else None
+        th_end = ends[t_e] if j >= 0 else INF
+    boundaries = [(q_end, "step", question_closer)]
     # Steps.
     if th_end > q_end:
         if steps == "sentence":
@@ -123,28 +159,18 @@ def char_reference(tok, ids, prompt_len, think_start, think_end, steps="sentence
                     c = n_sentences(prefix + F[q_end:ends[t]])
                     if c > recorded:
                         recorded = c
-                        boundaries.append((ends[t], "step"))
-        else:
-            pos = q_end
-            while True:
-                j = F.find(delimiter, pos)
-                if j < 0 or ends[token_at(j + len(delimiter))] >= th_end:
-                    break            # no occurrence, or it ends in the think_end token (which closes anyway)
-                pos = ends[token_at(j + len(delimiter))]
-                boundaries.append((pos, "step"))
+                        boundaries.append((ends[t], "step", t))
+        else:   # a delimiter ending in the think_end token closes nothing more: think_end closes anyway
+            boundaries += paragraphs(q_end, th_end, "step")
     # The summary.
     if th_end < INF:
-        boundaries.append((th_end, "summary"))
-        pos = th_end
-        while summary_steps:
-            j = F.find(delimiter, pos)
-            if j < 0:
-                break
-            pos = ends[token_at(j + len(delimiter))]
-            boundaries.append((pos, "summary"))
-    # Parts: part 0 is [0, q_end), part i+1 starts at boundaries[i].
-    offsets = [b for b, _ in boundaries]
-    part_kind = ["question"] + [kind for _, kind in boundaries]
+        boundaries.append((th_end, "summary", t_e))   # think_end closes the last step
+        if summary_steps:
+            boundaries += paragraphs(th_end, INF, "summary")
+    # Parts: part 0 is [0, q_end), part i+1 starts at boundaries[i] and is closed by the token of boundaries[i+1].
+    offsets = [b for b, _, _ in boundaries]
+    part_kind = ["question"] + [kind for _, kind, _ in boundaries]
+    part_closer = [c for _, _, c in boundaries] + [None]
     part_of = []
     for t in range(n):
         if think_start is None and t < prompt_len:
@@ -156,9 +182,9 @@ def char_reference(tok, ids, prompt_len, think_start, think_end, steps="sentence
     renumber = {p: i for i, p in enumerate(used)}
     seg = [renumber[p] for p in part_of]
     kinds = [part_kind[p] for p in used]
-    # A part is closed when a boundary follows it: boundaries sit at token ends, so its last token closed it.
-    closed = [question_closed if p == 0 else p < len(offsets) for p in used]
-    return seg, kinds, closed
+    closing = [part_closer[p] if part_closer[p] is not None else -1 for p in used]
+    closed = [c >= 0 or (p == 0 and question_closer is not None) for p, c in zip(used, closing)]
+    return seg, kinds, closed, closing
 
 
 # --------------------------------------------------------------------------- traces
@@ -191,17 +217,21 @@ def make_text(rng, markers, *, with_start=True, with_end=True, empty=False):
     return text
 
 
-def check_row(tok, ids, prompt_len, opts, rng=None):
-    """segment() offline, StepTracker token by token and in random chunks == char_reference."""
+def check_row(tok, ids, prompt_len, opts, rng=None, reader=None):
+    """segment() offline, StepTracker token by token and in random chunks == char_reference.
+
+    tok is what segment() gets; reader (default tok) is what the reference decodes with: an object
+    with decode(ids, skip_special_tokens=False) and token_to_id(text)."""
+    reader = reader or tok
     ts = opts.get("think_start", "auto")
     te = opts.get("think_end", "auto")
-    auto = HARMONY if tok.token_to_id("<|channel|>") is not None else THINK
+    auto = HARMONY if reader.token_to_id("<|channel|>") is not None else THINK
     ts_r = auto[0] if ts == "auto" else ts
     te_r = auto[1] if te == "auto" else te
-    want = char_reference(tok, ids, prompt_len, ts_r, te_r, opts.get("steps", "sentence"),
-                          opts.get("summary_steps", False))
+    want = char_reference(reader, ids, prompt_len, ts_r, te_r, opts.get("steps", "sentence"),
+                          opts.get("summary_steps", False), opts.get("step_delimiter", "\n\n"))
     seg = segment([ids], prompt_len, tokenizer=tok, **opts)
-    got = (seg.seg_ids[0].tolist(), seg.kinds[0], seg.closed[0])
+    got = (seg.seg_ids[0].tolist(), seg.kinds[0], seg.closed[0], seg.closing[0])
     assert got == want, f"offline:\n{got}\n{want}"
     rng = rng or random.Random(0)
     for chunking in ("token", "random"):
@@ -214,7 +244,7 @@ def check_row(tok, ids, prompt_len, opts, rng=None):
             cols.append(tr.feed([ids[pos:pos + k]]))
             pos += k
         online = tr.segmentation()
-        assert (online.seg_ids[0].tolist(), online.kinds[0], online.closed[0]) == want, chunking
+        assert (online.seg_ids[0].tolist(), online.kinds[0], online.closed[0], online.closing[0]) == want, chunking
         upd_seg = torch.cat([u.seg_ids for u in cols], 1)
         assert torch.equal(upd_seg, seg.seg_ids)
         assert torch.equal(torch.cat([u.seg_start for u in cols], 1), seg.seg_start())
