@@ -47,8 +47,8 @@ print(f"\nOdds-Equal Bridge (the paper's bridge rule, tau_max 0.15): it fired on
 
 # Step Momentum Injection, the paper's value rule: the first token of each step k >= 2 gets
 # alpha * the mean value of the last 4 tokens of step k - 1 on each head.
-closed = torch.ones(1, len(lengths), dtype=torch.bool)
-windows = reference.smi_windows(seg_ids, kinds, closed, 4)
+closing = torch.tensor([[sum(lengths[:s + 1]) - 1 for s in range(len(lengths))]])  # each closed by its last token
+windows = reference.smi_windows(seg_ids, kinds, closing, 4)
 attn = bridged.transpose(1, 2)                                 # (B, T, H, d), as HF attention returns it
 injected = sf.ops.smi_value(attn, v, windows, 0.06, 4)
 ref_inj = reference.smi_value(attn.transpose(1, 2).double(), v.double(), windows, 0.06).transpose(1, 2)

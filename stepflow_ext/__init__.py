@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, ops, reference
 from .ops import oeb_attention, step_momentum, step_momentum_decode_, step_saliency_pool
-from .segment import Segmentation, StepTracker, segment
+from .segment import Segmentation, StepTracker, id_sets_for, markers_for, segment
 from . import saliency  # noqa: E402  (after segment: it imports Segmentation)
 from .config import StepFlowConfig
 from .intervention import StepFlowHandle, replace_attention
@@ -30,6 +30,6 @@ cuda_compiled = _C.cuda_compiled
 
 __all__ = [
     "ops", "reference", "step_saliency_pool", "oeb_attention", "step_momentum", "step_momentum_decode_",
-    "Segmentation", "segment", "StepTracker", "StepFlowConfig", "replace_attention", "StepFlowHandle",
+    "Segmentation", "segment", "StepTracker", "markers_for", "id_sets_for", "StepFlowConfig", "replace_attention", "StepFlowHandle",
     "step_saliency", "StepSaliencyResult", "saliency", "cuda_compiled", "__version__", "load_default",
 ]

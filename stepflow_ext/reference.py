@@ -338,14 +338,15 @@ def oeb_bounds(seg_ids, seg_kinds, rule="bridge", num_sink=1):
 # --------------------------------------------------------------------------- 2.4 SMI
 
 
-def smi_windows(seg_ids, seg_kinds, closed, window=4):
+def smi_windows(seg_ids, seg_kinds, closing, window=4):
     """(B, T, 2) int64: for each token, the key range [start, end) of the values SMI's `value` rule
     adds to it (design.md 2.4), (-1, -1) for tokens that get nothing. By a loop over segments.
 
     A token gets W when it starts a thinking step k >= 2 (the second or later segment of kind step)
-    and is not a one-token step that closed at that token (closed (B, S) bool: the segment was
-    closed by its own last token: a sentence end, a delimiter or the end-of-thinking marker); W is
-    the last min(window, |step k-1|) tokens of step k-1 (nothing when that step is empty).
+    and does not itself close that step (closing (B, S) int64: the position of the token that closed
+    each segment, -1 while it is open: Segmentation.closing_tensor(); a step whose first token ends a
+    sentence, a paragraph or the thinking is closed by that token); W is the last min(window,
+    |step k-1|) tokens of step k-1 (nothing when that step is empty).
     """
     b, t = seg_ids.shape
     out = torch.full((b, t, 2), -1, dtype=torch.long, device=seg_ids.device)
@@ -357,7 +358,7 @@ def smi_windows(seg_ids, seg_kinds, closed, window=4):
             here, before = positions[cur], positions[prev]
             if not here or not before:
                 continue
-            if len(here) == 1 and bool(closed[row, cur]):
+            if int(closing[row, cur]) == here[0]:
                 continue
             w = before[-min(window, len(before)):]
             out[row, here[0]] = torch.tensor([w[0], w[-1] + 1])

@@ -23,9 +23,9 @@ _names = itertools.count()
 
 def reference_logits(model, ids, mask, seg, cfg, dtype=torch.float64):
     ref = copy.deepcopy(model).to(dtype)
-    seg_ids, kinds, closed = seg.seg_ids, seg.seg_kinds_tensor(), seg.closed_tensor()
+    seg_ids, kinds, closing = seg.seg_ids, seg.seg_kinds_tensor(), seg.closing_tensor()
     bounds = reference.oeb_bounds(seg_ids, kinds, cfg.oeb_rule, cfg.num_sink)
-    windows = reference.smi_windows(seg_ids, kinds, closed, cfg.smi_window)
+    windows = reference.smi_windows(seg_ids, kinds, closing, cfg.smi_window)
     valid = seg_ids >= 0
     kv_start = torch.where(valid.any(1), valid.to(torch.int8).argmax(1), seg_ids.shape[1])
 

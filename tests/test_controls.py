@@ -185,7 +185,7 @@ def test_random_residual_value_rule_norm_tokens_and_directions():
         finally:
             installed.pop(token)
     base = seen["out"]
-    windows = reference.smi_windows(seg.seg_ids, seg.seg_kinds_tensor(), seg.closed_tensor(), cfg.smi_window)
+    windows = reference.smi_windows(seg.seg_ids, seg.seg_kinds_tensor(), seg.closing_tensor(), cfg.smi_window)
     targets = windows[..., 0] >= 0
     assert int(targets.sum()) >= 4
     smi_change = outs[None] - base                     # (B, T, H, d)

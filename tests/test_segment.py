@@ -126,7 +126,7 @@ def test_views_equal_reference_loops(seed, pad):
         assert torch.equal(oeb_bounds(seg.seg_ids, kinds, "bridge"), bridge)
         prev = seg.smi_prev_step()
         for w in (1, 3, 4, 100):
-            want = smi_windows(seg.seg_ids, kinds, seg.closed_tensor(), w)
+            want = smi_windows(seg.seg_ids, kinds, seg.closing_tensor(), w)
             got = torch.where((prev[..., :1] >= 0), torch.stack([torch.maximum(prev[..., 0], prev[..., 1] - w),
                                                                  prev[..., 1]], -1), -1)
             assert torch.equal(got, want)

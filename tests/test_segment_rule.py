@@ -399,7 +399,7 @@ def test_kernel_views_equal_reference_loops(style, variant, seed):
     assert torch.equal(bounds, want)
     prev = seg.smi_prev_step()
     for w in (1, 2, 4, 9):
-        windows = smi_windows(seg.seg_ids, kinds, seg.closed_tensor(), w)
+        windows = smi_windows(seg.seg_ids, kinds, seg.closing_tensor(), w)
         hit = prev[..., 0] >= 0
         expect = torch.where(hit[..., None], torch.stack([torch.maximum(prev[..., 0], prev[..., 1] - w),
                                                           prev[..., 1]], -1), torch.full_like(prev, -1))
