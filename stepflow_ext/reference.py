@@ -172,6 +172,10 @@ def bridge_shifts(a, same, bridge, other, tau_max=0.15, eps=OEB_EPS):
     active = (n_b > 0) & (n_s > 0) & (p_b < tau) & (available > eps) & (p_s > eps)
     tau = torch.clamp(torch.minimum(tau, available - eps), min=eps)
     tau_s = available - tau
+    # Rows that are not active take tau = p (lam = 0) inside the logs, not only outside them: an
+    # unused branch such as log(tau_S + eps) = log 0 (a row whose O holds all the mass, p_O = 1)
+    # would otherwise make torch.where's backward 0 * inf = nan.
+    tau, tau_s = torch.where(active, tau, p_b), torch.where(active, tau_s, p_s)
     lam_b = torch.where(active, torch.log((tau + eps) / (p_b + eps)), torch.zeros_like(tau))
     lam_s = torch.where(active, torch.log((tau_s + eps) / (p_s + eps)), torch.zeros_like(tau))
     return lam_b, lam_s, active
@@ -257,8 +261,11 @@ def oeb_probs(q, k, kv_start, bounds, rule="bridge", strength=0.5, tau_max=0.15,
         # odds keeps sum_j A'_j = 1, so z + log r_g through the softmax with a sink is A' / (1 + sigma)
         a2, active = odds_rebalance(a, g2, g1, strength)
         if sink is not None:
-            sigma = torch.exp(sink.to(a.dtype).view(1, -1, 1) - lse)
-            a2 = a2 / (1 + torch.where(torch.isfinite(lse), sigma, torch.zeros_like(sigma)))[..., None]
+            # rows without a key (lse = -inf) have no sink weight; exp is taken at a finite
+            # stand-in there so that its unused gradient is not inf * 0 = nan
+            has_key = torch.isfinite(lse)
+            sigma = torch.exp(sink.to(a.dtype).view(1, -1, 1) - torch.where(has_key, lse, torch.zeros_like(lse)))
+            a2 = a2 / (1 + torch.where(has_key, sigma, torch.zeros_like(sigma)))[..., None]
     else:
         raise ValueError(f"rule must be 'bridge' or 'odds', got {rule!r}")
     masses = [(a * g[:, None].to(a.dtype)).sum(-1) for g in (g0, g1, g2)]

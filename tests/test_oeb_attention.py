@@ -700,6 +700,28 @@ def test_gradcheck_float64(seed, rule, tq, tk, window):
     assert torch.autograd.gradcheck(fn, (q, k, v, sink), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_reference_backward_is_finite(seed, rule):
+    """The oracle itself: autograd through reference.oeb_attention must be finite where the op's
+    gradient is, on rows whose rule is off because one group holds all the mass (a question row
+    with a single key: p_O = 1 exactly, so the bridge's unused log(tau_S + eps) is log 0) and on
+    rows without any key (with a sink: exp(sink - lse) at lse = -inf in the odds branch)."""
+    q = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    k, v = (torch.randn(2, 1, 4, 4, dtype=torch.float64) for _ in range(2))
+    kv_start = torch.tensor([0, 2])                                    # rows 0, 1 of batch 1: no key
+    bounds = torch.tensor([[[-1, -1], [0, 1], [0, 1], [0, 2]]] * 2)   # query 0: one key, not intervened
+    sink = torch.randn(2, dtype=torch.float64)
+    inputs = [q, k, v, sink]
+    kw = rule_kwargs(rule, strength=0.7, tau_max=0.5)
+    _, want = grads(lambda q, k, v, s: reference.oeb_attention(q, k, v, kv_start, bounds, sink=s, **kw)[0], inputs,
+                    torch.ones(q.shape, dtype=torch.float64))
+    _, got = grads(lambda q, k, v, s: ops.oeb_attention(q, k, v, kv_start, bounds, sink=s, **kw)[0], inputs,
+                   torch.ones(q.shape, dtype=torch.float64))
+    for name, x, y in zip(("dq", "dk", "dv", "dsink"), got, want):
+        assert bool(torch.isfinite(y).all()), f"reference {name} is not finite"
+        torch.testing.assert_close(x, y, atol=1e-6 if name == "dsink" else 1e-12, rtol=1e-6 if name == "dsink" else 1e-9)
+
+
 def test_only_out_is_differentiable(seed):
     case = draw(1, 2, 1, 5, 5, 4, torch.float32)
     q = case.q.requires_grad_()
