@@ -75,8 +75,9 @@ def _check_attention_shapes(q, k, v, q_name="q"):
 
 
 def _check_scale(scale):
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not float(scale) > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not float(scale) > 0
+            or float(scale) == float("inf")):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
 
 

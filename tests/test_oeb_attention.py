@@ -833,6 +833,8 @@ def bad_cases():
         ("scale-0", _set("scale", 0.0), "scale must be a positive"),
         ("scale-neg", _set("scale", -1.0), "scale must be a positive"),
         ("scale-str", _set("scale", "0.3"), "scale must be a positive"),
+        ("scale-inf", _set("scale", float("inf")), "scale must be a positive"),
+        ("scale-nan", _set("scale", float("nan")), "scale must be a positive"),
         ("bounds-device", _set("bounds", lambda a: a["bounds"].to(meta)), "bounds is on meta"),
         ("kv_start-device", _set("kv_start", lambda a: a["kv_start"].to(meta)), "kv_start is on meta"),
         ("sink-device", _set("sink", lambda a: a["sink"].to(meta)), "sink is on meta"),
@@ -871,6 +873,7 @@ DIRECT_BAD = {
     "sink-int": "sink must be a float tensor", "sink-nan": r"sink\[1\] = nan is not finite",
     "sink-inf": r"sink\[2\] = inf is not finite", "window-0": "window must be", "window-neg": "window must be",
     "scale-0": "scale must be a positive", "scale-neg": "scale must be a positive",
+    "scale-inf": "scale must be a positive", "scale-nan": "scale must be a positive",
 }
 # (A tensor on another device: with meta tensors the dispatcher picks the fake kernel; the device
 # checks of the kernels are exercised by the CUDA tests.)
