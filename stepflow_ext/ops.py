@@ -150,6 +150,23 @@ def _check_bounds(name, bounds, batch, tq, tk):
 # --------------------------------------------------------------------------- step_saliency_pool
 
 
+def _check_padding_at_ends(seg_ids):
+    """With oeb_bounds the OEB groups are key ranges by position (kv_start = a row's first valid
+    token), so padding may only sit before or after a row's valid tokens (the kernels check it too)."""
+    if not seg_ids.numel() or seg_ids.device.type == "meta":
+        return
+    valid = seg_ids >= 0
+    t = seg_ids.shape[1]
+    first = valid.int().argmax(dim=1)
+    last = t - 1 - valid.flip(1).int().argmax(dim=1)
+    holes = valid.any(dim=1) & (last - first + 1 != valid.sum(dim=1))
+    if bool(holes.any()):
+        row = int(holes.nonzero()[0, 0])
+        raise ValueError(f"with oeb_bounds, seg_ids may mark padding (-1) only at the ends of a row (the OEB "
+                         f"groups are key ranges by position), but row {row} has padding inside it")
+
+
+
 def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None,
                        sink=None, window=None, oeb_bounds=None, oeb_rule="bridge", oeb_strength=0.0,
                        oeb_tau_max=0.15, oeb_eps=OEB_EPS):
@@ -190,6 +207,7 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
     oeb_strength, oeb_tau_max, oeb_eps = _check_rule_args(oeb_rule, oeb_strength, oeb_tau_max, oeb_eps)
     if oeb_bounds is not None:
         oeb_bounds = _check_bounds("oeb_bounds", oeb_bounds, b, t, t)
+        _check_padding_at_ends(seg_ids)
     _check_device("step_saliency_pool", "q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse,
                   oeb_bounds=oeb_bounds)
     return torch.ops.stepflow.step_saliency_pool(q, k, v, grad_out, seg_ids.long(), num_segments, scale,

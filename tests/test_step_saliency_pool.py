@@ -488,6 +488,8 @@ def bad_cases():
         ("oeb_tau_max-big", _set("oeb_tau_max", 2.0), "tau_max must be in"),
         ("oeb_eps-0", _set("oeb_eps", 0.0), "eps must be in"),
         ("oeb_eps-big", _set("oeb_eps", 0.7), "eps must be in"),
+        ("oeb-padding-inside", lambda a: a["seg_ids"].__setitem__((0, 5), -1),
+         r"with oeb_bounds, seg_ids .* padding .* only at the ends of a row.* row 0"),
     ]
 
 
@@ -522,6 +524,7 @@ DIRECT_BAD = {
     "oeb_rule": "rule must be 'bridge' or 'odds'", "oeb_strength-big": "strength must be in",
     "oeb_strength-nan": "strength must be in", "oeb_tau_max-0": "tau_max must be in",
     "oeb_tau_max-big": "tau_max must be in", "oeb_eps-0": "eps must be in", "oeb_eps-big": "eps must be in",
+    "oeb-padding-inside": r"padding \(seg id -1\) must be at the ends of a row",
 }
 
 
