@@ -118,16 +118,17 @@ def _check_window(window):
     return window
 
 
-def _check_rule_args(rule, strength, tau_max, eps):
+def _check_rule_args(rule, strength, tau_max, eps, prefix=""):
+    """The rule's arguments; messages name them as the caller spells them (prefix "oeb_": step_saliency_pool)."""
     if rule not in OEB_RULES:
-        raise ValueError(f"rule must be one of {OEB_RULES}, got {rule!r}")
-    strength = _check_scalar_range("strength", strength, 0.0, 1.0)
-    tau_max = _check_scalar_range("tau_max", tau_max, 0.0, 1.0)
+        raise ValueError(f"{prefix}rule must be one of {OEB_RULES}, got {rule!r}")
+    strength = _check_scalar_range(f"{prefix}strength", strength, 0.0, 1.0)
+    tau_max = _check_scalar_range(f"{prefix}tau_max", tau_max, 0.0, 1.0)
     if tau_max == 0.0:
-        raise ValueError("tau_max must be in (0, 1], got 0.0")
-    eps = _check_scalar_range("eps", eps, 0.0, 0.5, hi_open=True)
+        raise ValueError(f"{prefix}tau_max must be in (0, 1], got 0.0")
+    eps = _check_scalar_range(f"{prefix}eps", eps, 0.0, 0.5, hi_open=True)
     if eps == 0.0:
-        raise ValueError("eps must be in (0, 0.5): it is part of the bridge rule (design.md 2.3), got 0.0")
+        raise ValueError(f"{prefix}eps must be in (0, 0.5): it is part of the bridge rule (design.md 2.3), got 0.0")
     return strength, tau_max, eps
 
 
@@ -204,7 +205,7 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
             raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     sink = _check_sink(sink, q)
     window = _check_window(window)
-    oeb_strength, oeb_tau_max, oeb_eps = _check_rule_args(oeb_rule, oeb_strength, oeb_tau_max, oeb_eps)
+    oeb_strength, oeb_tau_max, oeb_eps = _check_rule_args(oeb_rule, oeb_strength, oeb_tau_max, oeb_eps, "oeb_")
     if oeb_bounds is not None:
         oeb_bounds = _check_bounds("oeb_bounds", oeb_bounds, b, t, t)
         _check_padding_at_ends(seg_ids)
