@@ -144,21 +144,26 @@ __attribute__((target("avx2,fma"))) double exp_shift_sum_avx2(float* x, int64_t 
 __attribute__((target("avx2,fma"))) void exp_shift_avx2(float* x, int64_t n, float scale, float shift) {
   exp_shift_body(x, n, scale, shift);
 }
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-const bool kHasAvx2 = false;
+// (__builtin_cpu_init first: this may run from a static initializer before libgcc's own.)
+bool has_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
 #endif
 
 double exp_shift_sum(float* x, int64_t n, float scale, float shift) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kHasAvx2) return exp_shift_sum_avx2(x, n, scale, shift);
+  if (has_avx2()) return exp_shift_sum_avx2(x, n, scale, shift);
 #endif
   return exp_shift_sum_body(x, n, scale, shift);
 }
 
 void exp_shift(float* x, int64_t n, float scale, float shift) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kHasAvx2) return exp_shift_avx2(x, n, scale, shift);
+  if (has_avx2()) return exp_shift_avx2(x, n, scale, shift);
 #endif
   exp_shift_body(x, n, scale, shift);
 }
