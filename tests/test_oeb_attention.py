@@ -560,6 +560,22 @@ def test_matches_channel_literal_form(seed, batch, heads, kv_heads, tq, tk, dim,
 
 
 @pytest.mark.parametrize("rule", RULES)
+def test_one_token_groups_decode(seed, rule):
+    """Decode rows whose groups are single tokens: the new token alone in group 2 (it opens a step /
+    is the first token of its channel), a one-token group 1, a one-token window; sinks vary."""
+    case = draw(4, 4, 2, 1, 30, 8, torch.float32)
+    bounds = torch.tensor([[[0, 29]], [[20, 21]], [[-1, -1]], [[28, 29]]])
+    kv_start = torch.tensor([0, 3, 28, 5])
+    for window, sink in ((None, None), (1, "normal"), (2, "large")):
+        sink_t = make_sink(4, sink)
+        kw = rule_kwargs(rule, 0.7, 0.5, sink=sink_t, window=window, scale=0.35)
+        out, _, stats = ops.oeb_attention(case.q, case.k, case.v, kv_start, bounds, **kw)
+        ref_out, _, ref_stats = ref64((case.q, case.k, case.v, kv_start, bounds), **kw)
+        assert_close(out, ref_out, torch.float32, "out")
+        torch.testing.assert_close(stats.double(), ref_stats, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("rule", RULES)
 def test_underflowing_group_mass(seed, rule):
     """A group's mass far below float range (its scores ~150 below the rest): fp32 exp underflows,
     yet the kernel, which keeps each group's log-mass exact, gives the float64 answer.
@@ -730,7 +746,8 @@ def test_gradcheck_float64(seed, rule, tq, tk, window):
     def fn(q, k, v, sink):
         return ops.oeb_attention(q, k, v, case.kv_start, case.bounds, sink=sink, **kw)[0]
 
-    assert torch.autograd.gradcheck(fn, (q, k, v, sink), eps=1e-6, atol=1e-6, rtol=1e-4)
+    # (the chunk case in fast mode: random projections of the Jacobian, a fraction of the time)
+    assert torch.autograd.gradcheck(fn, (q, k, v, sink), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=tq < tk)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -781,10 +798,9 @@ def test_opcheck_forward(seed, rule, tq, tk, window):
     case = draw(2, 4, 2, tq, tk, 8, torch.float32, rule=rule, gap=2.0)
     q, k, v = (transposed(x).requires_grad_() for x in (case.q, case.k, case.v))
     assert not q.is_contiguous()
-    sink = torch.randn(4, requires_grad=True)
-    for s, w in ((sink, window or -1), (None, -1)):
-        torch.library.opcheck(torch.ops.stepflow.oeb_attention.default,
-                              (q, k, v, case.kv_start, case.bounds, rule, 0.5, 0.15, EPS, s, w, 0.35))
+    sink = torch.randn(4, requires_grad=True) if window is None else None  # one with, one without
+    torch.library.opcheck(torch.ops.stepflow.oeb_attention.default,
+                          (q, k, v, case.kv_start, case.bounds, rule, 0.5, 0.15, EPS, sink, window or -1, 0.35))
 
 
 @pytest.mark.parametrize("rule", RULES)
