@@ -307,14 +307,27 @@ def _oeb_backward(ctx, grad_out, grad_lse, grad_stats):
         return (None,) * 12
     need = ctx.needs_input_grad
     dq = dk = dv = dsink = None
-    if any(need[:3]):
-        dq, dk, dv = torch.ops.stepflow.oeb_attention_backward(
-            grad_out.contiguous(), q, k, v, lse, stats, kv_start, bounds, rule, strength, tau_max, eps, sink,
-            window, scale)
-    if sink is not None and need[9]:
-        # d out_i / d sink_h = -p_sink,i out_i (the sink only adds to the denominator of A').
-        row = (grad_out.float() * out.float()).sum(-1) * stats[..., 3]
-        dsink = (-row.sum(dim=(0, 2))).to(sink.dtype)
+    backward = torch.ops.stepflow.oeb_attention_backward
+    if sink is not None and need[9] and q.dtype == torch.float64 and q.shape[-1] < 256:
+        # float64: the sink's gradient as exact as dq. Shifting every logit of a row and the sink by
+        # the same c changes nothing, so dL/d sink = -sum_j dS_ij; a zero feature of q against a unit
+        # feature of k (the logits unchanged) reads that sum off dq: dq'[..., d] = scale sum_j dS_ij.
+        def pad(x, value):
+            return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], dim=-1)
+
+        dq1, dk1, dv1 = backward(pad(grad_out, 0.0), pad(q, 0.0), pad(k, 1.0), pad(v, 0.0), lse, stats, kv_start,
+                                 bounds, rule, strength, tau_max, eps, sink, window, scale)
+        dsink = (-dq1[..., -1].sum(dim=(0, 2)) / scale).to(sink.dtype)
+        dq, dk, dv = dq1[..., :-1], dk1[..., :-1], dv1[..., :-1]
+    else:
+        if any(need[:3]):
+            dq, dk, dv = backward(grad_out.contiguous(), q, k, v, lse, stats, kv_start, bounds, rule, strength,
+                                  tau_max, eps, sink, window, scale)
+        if sink is not None and need[9]:
+            # d out_i / d sink_h = -p_sink,i out_i (the sink only adds to the denominator of A'); p_sink
+            # comes from the fp32 stats, which is within the precision of fp32 and lower inputs.
+            row = (grad_out.float() * out.float()).sum(-1) * stats[..., 3]
+            dsink = (-row.sum(dim=(0, 2))).to(sink.dtype)
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             None, None, None, None, None, None, dsink, None, None)
 
