@@ -75,8 +75,9 @@ def _check_attention_shapes(q, k, v, q_name="q"):
 
 
 def _check_scale(scale):
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not float(scale) > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not float(scale) > 0
+            or float(scale) == float("inf")):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
 
 
@@ -117,16 +118,17 @@ def _check_window(window):
     return window
 
 
-def _check_rule_args(rule, strength, tau_max, eps):
+def _check_rule_args(rule, strength, tau_max, eps, prefix=""):
+    """The rule's arguments; messages name them as the caller spells them (prefix "oeb_": step_saliency_pool)."""
     if rule not in OEB_RULES:
-        raise ValueError(f"rule must be one of {OEB_RULES}, got {rule!r}")
-    strength = _check_scalar_range("strength", strength, 0.0, 1.0)
-    tau_max = _check_scalar_range("tau_max", tau_max, 0.0, 1.0)
+        raise ValueError(f"{prefix}rule must be one of {OEB_RULES}, got {rule!r}")
+    strength = _check_scalar_range(f"{prefix}strength", strength, 0.0, 1.0)
+    tau_max = _check_scalar_range(f"{prefix}tau_max", tau_max, 0.0, 1.0)
     if tau_max == 0.0:
-        raise ValueError("tau_max must be in (0, 1], got 0.0")
-    eps = _check_scalar_range("eps", eps, 0.0, 0.5, hi_open=True)
+        raise ValueError(f"{prefix}tau_max must be in (0, 1], got 0.0")
+    eps = _check_scalar_range(f"{prefix}eps", eps, 0.0, 0.5, hi_open=True)
     if eps == 0.0:
-        raise ValueError("eps must be in (0, 0.5): it is part of the bridge rule (design.md 2.3), got 0.0")
+        raise ValueError(f"{prefix}eps must be in (0, 0.5): it is part of the bridge rule (design.md 2.3), got 0.0")
     return strength, tau_max, eps
 
 
@@ -147,6 +149,23 @@ def _check_bounds(name, bounds, batch, tq, tk):
 
 
 # --------------------------------------------------------------------------- step_saliency_pool
+
+
+def _check_padding_at_ends(seg_ids):
+    """With oeb_bounds the OEB groups are key ranges by position (kv_start = a row's first valid
+    token), so padding may only sit before or after a row's valid tokens (the kernels check it too)."""
+    if not seg_ids.numel() or seg_ids.device.type == "meta":
+        return
+    valid = seg_ids >= 0
+    t = seg_ids.shape[1]
+    first = valid.int().argmax(dim=1)
+    last = t - 1 - valid.flip(1).int().argmax(dim=1)
+    holes = valid.any(dim=1) & (last - first + 1 != valid.sum(dim=1))
+    if bool(holes.any()):
+        row = int(holes.nonzero()[0, 0])
+        raise ValueError(f"with oeb_bounds, seg_ids may mark padding (-1) only at the ends of a row (the OEB "
+                         f"groups are key ranges by position), but row {row} has padding inside it")
+
 
 
 def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None,
@@ -186,9 +205,10 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
             raise ValueError(f"lse must have shape {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     sink = _check_sink(sink, q)
     window = _check_window(window)
-    oeb_strength, oeb_tau_max, oeb_eps = _check_rule_args(oeb_rule, oeb_strength, oeb_tau_max, oeb_eps)
+    oeb_strength, oeb_tau_max, oeb_eps = _check_rule_args(oeb_rule, oeb_strength, oeb_tau_max, oeb_eps, "oeb_")
     if oeb_bounds is not None:
         oeb_bounds = _check_bounds("oeb_bounds", oeb_bounds, b, t, t)
+        _check_padding_at_ends(seg_ids)
     _check_device("step_saliency_pool", "q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse,
                   oeb_bounds=oeb_bounds)
     return torch.ops.stepflow.step_saliency_pool(q, k, v, grad_out, seg_ids.long(), num_segments, scale,
@@ -287,14 +307,27 @@ def _oeb_backward(ctx, grad_out, grad_lse, grad_stats):
         return (None,) * 12
     need = ctx.needs_input_grad
     dq = dk = dv = dsink = None
-    if any(need[:3]):
-        dq, dk, dv = torch.ops.stepflow.oeb_attention_backward(
-            grad_out.contiguous(), q, k, v, lse, stats, kv_start, bounds, rule, strength, tau_max, eps, sink,
-            window, scale)
-    if sink is not None and need[9]:
-        # d out_i / d sink_h = -p_sink,i out_i (the sink only adds to the denominator of A').
-        row = (grad_out.float() * out.float()).sum(-1) * stats[..., 3]
-        dsink = (-row.sum(dim=(0, 2))).to(sink.dtype)
+    backward = torch.ops.stepflow.oeb_attention_backward
+    if sink is not None and need[9] and q.dtype == torch.float64 and q.shape[-1] < 256:
+        # float64: the sink's gradient as exact as dq. Shifting every logit of a row and the sink by
+        # the same c changes nothing, so dL/d sink = -sum_j dS_ij; a zero feature of q against a unit
+        # feature of k (the logits unchanged) reads that sum off dq: dq'[..., d] = scale sum_j dS_ij.
+        def pad(x, value):
+            return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], dim=-1)
+
+        dq1, dk1, dv1 = backward(pad(grad_out, 0.0), pad(q, 0.0), pad(k, 1.0), pad(v, 0.0), lse, stats, kv_start,
+                                 bounds, rule, strength, tau_max, eps, sink, window, scale)
+        dsink = (-dq1[..., -1].sum(dim=(0, 2)) / scale).to(sink.dtype)
+        dq, dk, dv = dq1[..., :-1], dk1[..., :-1], dv1[..., :-1]
+    else:
+        if any(need[:3]):
+            dq, dk, dv = backward(grad_out.contiguous(), q, k, v, lse, stats, kv_start, bounds, rule, strength,
+                                  tau_max, eps, sink, window, scale)
+        if sink is not None and need[9]:
+            # d out_i / d sink_h = -p_sink,i out_i (the sink only adds to the denominator of A'); p_sink
+            # comes from the fp32 stats, which is within the precision of fp32 and lower inputs.
+            row = (grad_out.float() * out.float()).sum(-1) * stats[..., 3]
+            dsink = (-row.sum(dim=(0, 2))).to(sink.dtype)
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
             None, None, None, None, None, None, dsink, None, None)
 

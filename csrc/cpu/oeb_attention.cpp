@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -87,14 +89,131 @@ void range_scale(acc_t* x, int64_t c0, int64_t c1, acc_t f) {
   for (int64_t c = c0; c < c1; ++c) x[c] *= f;
 }
 
-// The exponentiated strip E (E_j = exp(s_j - m_g), 0 outside the valid keys) gives, per row,
-// the group log-masses and the rule's outcome. Shared by the forward and backward pass 1.
+// ----------------------------------------------------------------- fp32 exp, fused with the passes
+//
+// For fp32 the strip's max-shift, exp and group sums are one pass per group (instead of a shift
+// pass, at::exp_ over the strip and a sum pass): exp_nonpos is a vectorizable exp (Cephes' expf
+// reduction and polynomial, ~1 ulp) for the arguments that occur: scores minus their group's max
+// (<= 0) in the forward and pass 1, s - (lse - log r_g) (<= 0 up to rounding) in pass 2. Within 1 ulp
+// of exp on [-87, 1] (checked on every 64th float there), it gives 0 below -87: e^-87 of the group's
+// max, far below fp32 resolution of the group's mass. The loops are compiled twice, for AVX2 + FMA
+// and for the baseline ISA, and picked at run time.
+
+// Branch-free so that it vectorizes without -fno-trapping-math: no float select, 2^n built from the
+// bits of the rounding sum; x < -87 (where 2^n would leave the normal range) and -inf are masked to 0.
+__attribute__((always_inline)) inline float exp_nonpos(float x) {
+  const float t = x * 1.44269504088896341f + 12582912.0f;   // 1.5 * 2^23 + x / ln 2: rounds to an integer n
+  const float nf = t - 12582912.0f;
+  float r = x - nf * 0.693359375f;                           // x - n ln 2, ln 2 in two parts
+  r = r - nf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t n = std::bit_cast<int32_t>(t) - 0x4B400000;  // the integer n from t's mantissa
+  const float y = p * std::bit_cast<float>((n + 127) << 23);
+  const int32_t keep = -static_cast<int32_t>(x >= -87.0f);   // all ones, or 0 (also for -inf, nan)
+  return std::bit_cast<float>(std::bit_cast<int32_t>(y) & keep);
+}
+
+// x[0, n) <- exp(scale * x - shift); returns the sum of the new values (accumulated in double).
+__attribute__((always_inline)) inline double exp_shift_sum_body(float* x, int64_t n, float scale, float shift) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) {
+    const float e = exp_nonpos(scale * x[c] - shift);
+    x[c] = e;
+    sum += static_cast<double>(e);
+  }
+  return sum;
+}
+
+// x[0, n) <- exp(scale * x - shift), no sum (backward pass 2).
+__attribute__((always_inline)) inline void exp_shift_body(float* x, int64_t n, float scale, float shift) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) x[c] = exp_nonpos(scale * x[c] - shift);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) double exp_shift_sum_avx2(float* x, int64_t n, float scale, float shift) {
+  return exp_shift_sum_body(x, n, scale, shift);
+}
+__attribute__((target("avx2,fma"))) void exp_shift_avx2(float* x, int64_t n, float scale, float shift) {
+  exp_shift_body(x, n, scale, shift);
+}
+// (__builtin_cpu_init first: this may run from a static initializer before libgcc's own.)
+bool has_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+#endif
+
+double exp_shift_sum(float* x, int64_t n, float scale, float shift) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) return exp_shift_sum_avx2(x, n, scale, shift);
+#endif
+  return exp_shift_sum_body(x, n, scale, shift);
+}
+
+void exp_shift(float* x, int64_t n, float scale, float shift) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) return exp_shift_avx2(x, n, scale, shift);
+#endif
+  exp_shift_body(x, n, scale, shift);
+}
+
+// The raw strip S (nr x n; column c is key k_lo + c) -> E: per row r and group g,
+// E_j = exp(scale s_j - m_g) with m_g the group's scaled max (m[3 r + g], -inf if empty), 0 outside
+// the row's valid keys, and the group sums l[3 r + g] = sum_{j in g} E_j. Shared by the forward
+// and backward pass 1. fp32: one fused pass per group; fp64: shift, at::exp_, sum.
 template <typename acc_t>
-oeb::Row row_rule(const acc_t* e, int64_t k_lo, const oeb::Groups& rg, const double m[3], double sink,
-                  const oeb::RuleParams& rule, double L[3], double l[3]) {
-  double n[3];
+void strip_exp(Tensor& S, int64_t k_lo, const std::vector<oeb::Groups>& rgs, acc_t scale, double* m, double* l) {
+  const int64_t nr = S.size(0), n = S.size(1);
+  acc_t* s = S.data_ptr<acc_t>();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (int64_t r = 0; r < nr; ++r) {
+      float* x = s + r * n;
+      const oeb::Groups& rg = rgs[r];
+      const int64_t first = std::clamp<int64_t>(rg.lo[0] - k_lo, 0, n);
+      std::fill(x, x + first, 0.0f);
+      int64_t done = first;  // columns [0, done) are written
+      for (int g = 0; g < 3; ++g) {
+        const int64_t c0 = rg.lo[g] - k_lo, c1 = rg.hi[g] - k_lo;
+        m[3 * r + g] = -kInf;
+        l[3 * r + g] = 0.0;
+        if (c1 <= c0) continue;
+        float mx = x[c0];
+#pragma omp simd reduction(max : mx)
+        for (int64_t c = c0; c < c1; ++c) mx = x[c] > mx ? x[c] : mx;  // (std::max does not vectorize)
+        const float shift = scale * mx;  // scale > 0: the max of the scaled scores
+        m[3 * r + g] = static_cast<double>(shift);
+        l[3 * r + g] = exp_shift_sum(x + c0, c1 - c0, scale, shift);
+        done = c1;
+      }
+      std::fill(x + done, x + n, 0.0f);
+    }
+  } else {
+    for (int64_t r = 0; r < nr; ++r) shift_row(s + r * n, k_lo, n, rgs[r], scale, m + 3 * r);
+    S.exp_();
+    for (int64_t r = 0; r < nr; ++r)
+      for (int g = 0; g < 3; ++g)
+        l[3 * r + g] = rgs[r].hi[g] > rgs[r].lo[g] ? range_sum(s + r * n, rgs[r].lo[g] - k_lo, rgs[r].hi[g] - k_lo)
+                                                   : 0.0;
+  }
+}
+
+// The group log-masses L_g = m_g + log l_g of a row of E and the rule's outcome. Shared by the
+// forward and backward pass 1.
+inline oeb::Row row_rule(const oeb::Groups& rg, const double m[3], const double l[3], double sink,
+                         const oeb::RuleParams& rule) {
+  double L[3], n[3];
   for (int g = 0; g < 3; ++g) {
-    l[g] = rg.hi[g] > rg.lo[g] ? range_sum(e, rg.lo[g] - k_lo, rg.hi[g] - k_lo) : 0.0;
     L[g] = l[g] > 0 ? m[g] + std::log(l[g]) : -kInf;
     n[g] = rg.count(g);
   }
@@ -143,16 +262,13 @@ void forward_impl(const Problem& P, const Tensor& q, const Tensor& k, const Tens
       Tensor S = at::mm(q[b][h].narrow(0, i0, nr), k[b][hk].narrow(0, k_lo, n).t());
       acc_t* s = S.data_ptr<acc_t>();
       std::vector<oeb::Groups> rgs(nr);
-      std::vector<double> m(3 * nr);
-      for (int64_t r = 0; r < nr; ++r) {
-        rgs[r] = P.groups(b, i0 + r);
-        shift_row(s + r * n, k_lo, n, rgs[r], static_cast<acc_t>(P.scale), &m[3 * r]);
-      }
-      S.exp_();
+      std::vector<double> m(3 * nr), ls(3 * nr);
+      for (int64_t r = 0; r < nr; ++r) rgs[r] = P.groups(b, i0 + r);
+      strip_exp(S, k_lo, rgs, static_cast<acc_t>(P.scale), m.data(), ls.data());
       for (int64_t r = 0; r < nr; ++r) {
         acc_t* e = s + r * n;
-        double L[3], l[3];
-        const oeb::Row rb = row_rule(e, k_lo, rgs[r], &m[3 * r], P.sink_logit(h), P.rule, L, l);
+        const double* l = &ls[3 * r];
+        const oeb::Row rb = row_rule(rgs[r], &m[3 * r], l, P.sink_logit(h), P.rule);
         if (!rgs[r].any()) {
           lse_blk[r] = -std::numeric_limits<float>::infinity();
           continue;  // the row is all zeros already
@@ -195,18 +311,16 @@ void backward_rows(const Problem& P, const Tensor& dout, const Tensor& q, const 
       acc_t* s = S.data_ptr<acc_t>();
       acc_t* dp = dP.data_ptr<acc_t>();
       std::vector<oeb::Groups> rgs(nr);
-      std::vector<double> m(3 * nr);
-      for (int64_t r = 0; r < nr; ++r) {
-        rgs[r] = P.groups(b, i0 + r);
-        shift_row(s + r * n, k_lo, n, rgs[r], static_cast<acc_t>(P.scale), &m[3 * r]);
-      }
-      S.exp_();
+      std::vector<double> m(3 * nr), ls(3 * nr);
+      for (int64_t r = 0; r < nr; ++r) rgs[r] = P.groups(b, i0 + r);
+      strip_exp(S, k_lo, rgs, static_cast<acc_t>(P.scale), m.data(), ls.data());
       for (int64_t r = 0; r < nr; ++r) {
         acc_t* e = s + r * n;
         acc_t* g_row = dp + r * n;  // dP on entry, dS on exit
         const oeb::Groups& rg = rgs[r];
-        double L[3], l[3], D[3], ct[3];
-        const oeb::Row rb = row_rule(e, k_lo, rg, &m[3 * r], P.sink_logit(h), P.rule, L, l);
+        const double* l = &ls[3 * r];
+        double D[3], ct[3];
+        const oeb::Row rb = row_rule(rg, &m[3 * r], l, P.sink_logit(h), P.rule);
         if (!rg.any()) {
           std::fill(g_row, g_row + n, acc_t(0));
           continue;
@@ -264,29 +378,8 @@ void backward_keys(const Problem& P, const Tensor& dout, const Tensor& q, const 
         acc_t* s = S.data_ptr<acc_t>();
         acc_t* dp = dP.data_ptr<acc_t>();
         const acc_t scale = static_cast<acc_t>(P.scale);
-        for (int64_t r = 0; r < nq; ++r) {
-          const oeb::Groups rg = P.groups(b, i_lo + r);
-          const acc_t* row = rows + ((b * P.H + h) * P.Tq + i_lo + r) * kRowFields;
-          acc_t* x = s + r * nk;
-          // The groups cover [rg.lo[0], rg.hi[2]) contiguously; columns outside get A' = 0.
-          const int64_t first = std::clamp<int64_t>(rg.lo[0] - j0, 0, nk);
-          const int64_t last = std::clamp<int64_t>(rg.hi[2] - j0, first, nk);
-          for (int64_t c = 0; c < first; ++c) x[c] = ninf;
-          for (int g = 0; g < 3; ++g) {
-            const int64_t c0 = std::max<int64_t>(rg.lo[g], j0) - j0, c1 = std::min<int64_t>(rg.hi[g], j1) - j0;
-            if (c1 <= c0) continue;
-            const acc_t shift = row[g];
-#pragma omp simd
-            for (int64_t c = c0; c < c1; ++c) x[c] = scale * x[c] - shift;
-          }
-          for (int64_t c = last; c < nk; ++c) x[c] = ninf;
-        }
-        S.exp_();
-        for (int64_t r = 0; r < nq; ++r) {
-          const oeb::Groups rg = P.groups(b, i_lo + r);
-          const acc_t* row = rows + ((b * P.H + h) * P.Tq + i_lo + r) * kRowFields;
-          const acc_t* a = s + r * nk;
-          acc_t* g_row = dp + r * nk;
+        // dS = A' (dP - c~_g) on the groups of a row whose A' is in a; 0 outside its valid keys.
+        auto ds_row = [&](const oeb::Groups& rg, const acc_t* row, const acc_t* a, acc_t* g_row) {
           const int64_t first = std::clamp<int64_t>(rg.lo[0] - j0, 0, nk);
           const int64_t last = std::clamp<int64_t>(rg.hi[2] - j0, first, nk);
           std::fill(g_row, g_row + first, acc_t(0));
@@ -298,6 +391,45 @@ void backward_keys(const Problem& P, const Tensor& dout, const Tensor& q, const 
             for (int64_t j = c0; j < c1; ++j) g_row[j] = a[j] * (g_row[j] - c);
           }
           std::fill(g_row + last, g_row + nk, acc_t(0));
+        };
+        if constexpr (std::is_same_v<acc_t, float>) {
+          // One pass per row: A' = exp(scale s - shift_g) (fused, 0 outside the groups), then dS.
+          for (int64_t r = 0; r < nq; ++r) {
+            const oeb::Groups rg = P.groups(b, i_lo + r);
+            const float* row = rows + ((b * P.H + h) * P.Tq + i_lo + r) * kRowFields;
+            float* x = s + r * nk;
+            // The groups cover [rg.lo[0], rg.hi[2]) contiguously; columns outside get A' = 0.
+            const int64_t first = std::clamp<int64_t>(rg.lo[0] - j0, 0, nk);
+            const int64_t last = std::clamp<int64_t>(rg.hi[2] - j0, first, nk);
+            std::fill(x, x + first, 0.0f);
+            for (int g = 0; g < 3; ++g) {
+              const int64_t c0 = std::max<int64_t>(rg.lo[g], j0) - j0, c1 = std::min<int64_t>(rg.hi[g], j1) - j0;
+              if (c1 > c0) exp_shift(x + c0, c1 - c0, scale, row[g]);
+            }
+            std::fill(x + last, x + nk, 0.0f);
+            ds_row(rg, row, x, dp + r * nk);
+          }
+        } else {
+          for (int64_t r = 0; r < nq; ++r) {
+            const oeb::Groups rg = P.groups(b, i_lo + r);
+            const acc_t* row = rows + ((b * P.H + h) * P.Tq + i_lo + r) * kRowFields;
+            acc_t* x = s + r * nk;
+            const int64_t first = std::clamp<int64_t>(rg.lo[0] - j0, 0, nk);
+            const int64_t last = std::clamp<int64_t>(rg.hi[2] - j0, first, nk);
+            for (int64_t c = 0; c < first; ++c) x[c] = ninf;
+            for (int g = 0; g < 3; ++g) {
+              const int64_t c0 = std::max<int64_t>(rg.lo[g], j0) - j0, c1 = std::min<int64_t>(rg.hi[g], j1) - j0;
+              if (c1 <= c0) continue;
+              const acc_t shift = row[g];
+#pragma omp simd
+              for (int64_t c = c0; c < c1; ++c) x[c] = scale * x[c] - shift;
+            }
+            for (int64_t c = last; c < nk; ++c) x[c] = ninf;
+          }
+          S.exp_();
+          for (int64_t r = 0; r < nq; ++r)
+            ds_row(P.groups(b, i_lo + r), rows + ((b * P.H + h) * P.Tq + i_lo + r) * kRowFields, s + r * nk,
+                   dp + r * nk);
         }
         dv_blk.addmm_(S.t(), doh);
         dk_blk.addmm_(dP.t(), qh, 1.0, P.scale);
