@@ -15,7 +15,6 @@ the end; the others still ran), 2 for a usage error (bad option, model or config
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import math
 import os
@@ -25,20 +24,9 @@ import time
 import numpy as np
 
 from .config import CONTROLS
+from .console import UsageError, err as _err, escapes as _escapes, print_table as _print_table, span as _span
 from .traces import (TraceError, TraceWriter, apply_template, encode_prompt, read_prompts, read_traces, write_json)
-
-
-class UsageError(Exception):
-    """A problem with the command as a whole (exit status 2)."""
-
-
-def _escapes(text: str) -> str:
-    """Options such as --step-delimiter '\\n\\n' take backslash escapes."""
-    return codecs.decode(text, "unicode_escape")
-
-
-def _err(*parts):
-    print(*parts, file=sys.stderr, flush=True)
+from .traces import eos_ids as _eos_ids
 
 
 # --------------------------------------------------------------------------- model loading
@@ -108,19 +96,6 @@ def _rule(args) -> dict:
 
 
 # --------------------------------------------------------------------------- generate
-
-
-def _eos_ids(model, tok) -> set:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    return ids
 
 
 def _prompt_text(item, tok, use_template):
@@ -323,24 +298,6 @@ def _check_analysis_args(args):
         raise UsageError("--chunk-tokens must be >= 1")
     if not 0 <= args.decay_drop <= 1:
         raise UsageError("--decay-drop must be in [0, 1]")
-
-
-def _print_table(title, header, rows):
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich comes with transformers
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-        print(title)
-        for r in [header] + rows:
-            print("  ".join(str(x).rjust(w) for x, w in zip(r, widths)))
-        return
-    table = Table(title=title, title_justify="left")
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
-    for r in rows:
-        table.add_row(*[f"[bold red]{x}[/]" if str(x).startswith("YES") else str(x) for x in r])
-    Console(width=max(100, min(200, 20 + 11 * len(header)))).print(table)
 
 
 # --------------------------------------------------------------------------- analyze
@@ -782,15 +739,6 @@ def _signed(x) -> str:
 
 def _ci(effect) -> str:
     return f", 95% CI [{_signed(effect['ci95'][0])}, {_signed(effect['ci95'][1])}]" if effect.get("ci95") else ""
-
-
-def _span(layers) -> str:
-    layers = sorted(layers)
-    if not layers:
-        return "(none)"
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-    return ",".join(map(str, layers))
 
 
 # --------------------------------------------------------------------------- make-tiny-model

@@ -134,6 +134,7 @@ def pick_traces(run_dir: str, count: int) -> list[dict]:
 
 def cmd_demo(args) -> int:
     from . import cli
+    from .console import UsageError, err, print_table
     from .eval import commands
     from .eval.data import load_items
     from .report import Report
@@ -142,19 +143,19 @@ def cmd_demo(args) -> int:
     packaged = args.model is None
     model = args.model or default_model_dir()
     if packaged and not os.path.isfile(os.path.join(model, "config.json")):
-        raise cli.UsageError(f"the embedded model is missing at {model} (was the package installed with its data "
+        raise UsageError(f"the embedded model is missing at {model} (was the package installed with its data "
                              "files?); pass --model M")
     if args.data is None:
         if not packaged:
-            raise cli.UsageError("--model needs --data FILE (the embedded data suits only the embedded model)")
+            raise UsageError("--model needs --data FILE (the embedded data suits only the embedded model)")
         dev_src, test_src = default_data()
     else:
         test_src, dev_src = args.data, args.dev
         if dev_src is None:
-            raise cli.UsageError("--data needs --dev FILE: the config is chosen on dev, never on the test items")
+            raise UsageError("--data needs --dev FILE: the config is chosen on dev, never on the test items")
     for path in (dev_src, test_src):
         if not os.path.isfile(path):
-            raise cli.UsageError(f"no such file: {path}")
+            raise UsageError(f"no such file: {path}")
     instruction = args.instruction or ("none" if packaged else "default")
     # The embedded model writes one substitution per paragraph and no sentence ends ("y = x - 1 = 80\n\n"),
     # so the paper's sentence rule would see one step: it is segmented by the paragraph rule. Other models
@@ -184,7 +185,7 @@ def cmd_demo(args) -> int:
                                    "--with-controls", "--out", sweep_dir]))
     chosen_path = os.path.join(sweep_dir, "chosen.json")
     if not os.path.isfile(chosen_path):
-        cli._err("demo: the sweep chose no config; see the messages above")
+        err("demo: the sweep chose no config; see the messages above")
         return max(status, 1)
     with open(chosen_path) as f:
         chosen = json.load(f)
@@ -215,7 +216,7 @@ def cmd_demo(args) -> int:
             row.append("n/a" if g is None else f"{100 * g[1]:.0f} [{100 * g[2][0]:.0f}, {100 * g[2][1]:.0f}]")
         length_rows.append(row)
     length_header = ["items", "n"] + names
-    cli._print_table("pass@1 % by chain length [95% bootstrap CI]", length_header, length_rows)
+    print_table("pass@1 % by chain length [95% bootstrap CI]", length_header, length_rows)
 
     t = _stage("5/6 Step-Saliency of the baseline's test traces, before and after the chosen config")
     traces = pick_traces(dirs[0], args.traces)
@@ -230,7 +231,7 @@ def cmd_demo(args) -> int:
         status = max(status, cli.main(["compare", "--model", model, *placement, "--traces", trace_path,
                                        "--stepflow", config_path, "--out", compare_dir]))
     else:
-        cli._err("demo: no baseline completion reached a summary; no Step-Saliency maps")
+        err("demo: no baseline completion reached a summary; no Step-Saliency maps")
     print(f"({time.time() - t:.0f} s)")
 
     _stage("6/6 report")

@@ -13,8 +13,10 @@ import time
 
 import numpy as np
 
-from ..cli import UsageError, _eos_ids, _err, _escapes, _print_table, segmentation_options
+from ..cli import segmentation_options
 from ..config import CONTROLS
+from ..console import UsageError, err as _err, print_table as _print_table
+from ..traces import eos_ids as _eos_ids
 from . import distributed
 from .runner import (ERRORS, ROWS, SUMMARY, SUMMARY_HEADER, CompletionsFile, EvalSettings, HFGenerator, RunMismatch,
                      all_rows, check_settings, file_sha256, fmt_pct, read_rows, run_items, summarize, summary_row,
