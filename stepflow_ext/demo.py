@@ -104,7 +104,7 @@ def _groups_of(record: dict) -> list[str]:
 
 def by_group(run_dir: str, groups: dict) -> dict:
     """{group: (n, pass@1, [lo, hi])} from a run's per-item correctness."""
-    from .eval.commands import read_summary
+    from .eval.paired import read_summary
     from .eval.stats import accuracy
 
     per_item = read_summary(run_dir)["per_item"]
@@ -135,7 +135,7 @@ def pick_traces(run_dir: str, count: int) -> list[dict]:
 def cmd_demo(args) -> int:
     from . import cli
     from .console import UsageError, err, print_table
-    from .eval import commands
+    from .eval import paired
     from .eval.data import load_items
     from .report import Report
 
@@ -204,9 +204,9 @@ def cmd_demo(args) -> int:
     names = ["baseline", "default", "chosen", "random-attn", "random-residual"]
     dirs = [os.path.join(sweep_dir, "test", "baseline"), default_dir] + \
         [os.path.join(sweep_dir, "test", n) for n in names[2:]]
-    report = commands.compare_runs(dirs, names, n_boot=args.n_boot, seed=0)
-    commands.print_comparison(report)
-    commands.write_comparison(report, os.path.join(out, "paired.json"))
+    report = paired.compare_runs(dirs, names, n_boot=args.n_boot, seed=0)
+    paired.print_comparison(report)
+    paired.write_comparison(report, os.path.join(out, "paired.json"))
     length_rows = []
     per_run = {n: by_group(d, groups) for n, d in zip(names, dirs)}
     for group in groups:
@@ -247,7 +247,7 @@ def cmd_demo(args) -> int:
              f"{args.grid}. Chosen on dev: {chosen['name']}, {_describe_config(None, chosen['config'])} "
              f"({chosen.get('rule', '')}).")
     rep.heading("Accuracy on test, paired against the stock model")
-    rep.table(["run", "what"] + commands.COMPARE_HEADER[1:], commands.compare_table(report, what=True))
+    rep.table(["run", "what"] + paired.COMPARE_HEADER[1:], paired.compare_table(report, what=True))
     rep.text(f"{report['mcnemar_note']}. Δ: pass@1 minus the baseline's in percentage points, paired-bootstrap "
              "95% CI and p-value; b01: items the baseline got wrong and the run right, b10: the reverse. "
              "random-attn / random-residual: the chosen config with OEB / SMI replaced by its control "
@@ -284,7 +284,7 @@ def cmd_demo(args) -> int:
 def _describe_config(run_dir, config=None) -> str:
     """One line for a StepFlow config, from a run's settings or a config dict."""
     from .config import StepFlowConfig
-    from .eval.commands import read_summary
+    from .eval.paired import read_summary
 
     if config is None:
         try:
