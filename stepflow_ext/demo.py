@@ -132,8 +132,9 @@ def pick_traces(run_dir: str, count: int) -> list[dict]:
             for r in with_summary]
 
 
-def cmd_demo(args) -> int:
-    from . import cli
+def run(args, command) -> int:
+    """The demo with the options of `stepflow demo` (args); command(argv) runs `stepflow ARGV` (sweep,
+    eval, analyze, compare) and returns its exit status. Returns the worst status of the stages."""
     from .console import UsageError, err, print_table
     from .eval import paired
     from .eval.data import load_items
@@ -181,8 +182,8 @@ def cmd_demo(args) -> int:
 
     t = _stage("2/6 sweep on dev, then baseline / chosen / controls on test")
     sweep_dir = os.path.join(out, "sweep")
-    status = max(status, cli.main(["sweep", *common, "--dev", dev_path, "--test", test_path, "--grid", args.grid,
-                                   "--with-controls", "--out", sweep_dir]))
+    status = max(status, command(["sweep", *common, "--dev", dev_path, "--test", test_path, "--grid", args.grid,
+                                  "--with-controls", "--out", sweep_dir]))
     chosen_path = os.path.join(sweep_dir, "chosen.json")
     if not os.path.isfile(chosen_path):
         err("demo: the sweep chose no config; see the messages above")
@@ -196,8 +197,8 @@ def cmd_demo(args) -> int:
 
     t = _stage("3/6 StepFlow's default config on test")
     default_dir = os.path.join(out, "test_default")
-    status = max(status, cli.main(["eval", *common, "--data", test_path,
-                                   "--stepflow", "default", "--out", default_dir]))
+    status = max(status, command(["eval", *common, "--data", test_path,
+                                  "--stepflow", "default", "--out", default_dir]))
     print(f"({time.time() - t:.0f} s)")
 
     _stage("4/6 paired comparison on test")
@@ -226,10 +227,10 @@ def cmd_demo(args) -> int:
             f.write(json.dumps(tr) + "\n")
     analyze_dir, compare_dir = os.path.join(out, "analyze"), os.path.join(out, "compare")
     if traces:
-        status = max(status, cli.main(["analyze", "--model", model, *placement, "--traces", trace_path,
-                                       "--out", analyze_dir]))
-        status = max(status, cli.main(["compare", "--model", model, *placement, "--traces", trace_path,
-                                       "--stepflow", config_path, "--out", compare_dir]))
+        status = max(status, command(["analyze", "--model", model, *placement, "--traces", trace_path,
+                                      "--out", analyze_dir]))
+        status = max(status, command(["compare", "--model", model, *placement, "--traces", trace_path,
+                                      "--stepflow", config_path, "--out", compare_dir]))
     else:
         err("demo: no baseline completion reached a summary; no Step-Saliency maps")
     print(f"({time.time() - t:.0f} s)")
@@ -292,39 +293,3 @@ def _describe_config(run_dir, config=None) -> str:
         except Exception:  # noqa: BLE001 - the run failed; its error was reported
             return "n/a"
     return StepFlowConfig.from_dict(config).describe() if config else "none"
-
-
-def add_parser(sub, raw):
-    p = sub.add_parser(
-        "demo", formatter_class=raw, help="the whole method in one command (offline, on the embedded model)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        epilog="examples:\n"
-               "  stepflow demo                      # embedded model and data, a few minutes on 2 CPU cores\n"
-               "  stepflow demo --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --task math \\\n"
-               "      --data math500_test.jsonl --dev math500_dev.jsonl --max-new-tokens 4096 --out runs/demo-r1\n")
-    p.add_argument("--model", default=None, metavar="M",
-                   help="a local directory or hub id (default: the embedded tiny reasoner)")
-    p.add_argument("--data", default=None, metavar="FILE", help="test items, JSONL (default: the embedded test split)")
-    p.add_argument("--dev", default=None, metavar="FILE", help="dev items the config is chosen on (needed with --data)")
-    p.add_argument("--task", default="math", choices=("math", "mcq", "code"))
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo; resumable)")
-    p.add_argument("--per-length", type=int, default=6, metavar="K",
-                   help="items per chain length when the items have a 'steps' field (default 6)")
-    p.add_argument("--items", type=int, default=40, metavar="N",
-                   help="items per split when they have no 'steps' field (default 40)")
-    p.add_argument("--grid", default=DEFAULT_GRID, help=f"the sweep's grid on dev (default {DEFAULT_GRID!r})")
-    p.add_argument("--traces", type=int, default=8, metavar="N",
-                   help="baseline completions for the Step-Saliency pictures (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=320, metavar="N", help="default 320")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default 16")
-    p.add_argument("--instruction", default=None, metavar="TEXT",
-                   help="default | none | TEXT (default: none for the embedded model, which was trained on bare "
-                        "questions; default otherwise)")
-    p.add_argument("--steps", default=None, choices=("sentence", "paragraph"),
-                   help="step rule (default: paragraph for the embedded model, whose steps are paragraphs without "
-                        "sentence ends; sentence, the paper's, otherwise)")
-    p.add_argument("--n-boot", type=int, default=10000, metavar="N", help="bootstrap resamples (default 10000)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.set_defaults(func=cmd_demo)
-    return p

@@ -13,7 +13,7 @@ Exit status: 0 when everything ran, 1 when some traces (or prompts) failed (they
 the end; the others still ran), 2 for a usage error (bad option, model or config not loadable).
 
 Layout: `app` assembles the parser from one module per command (generate, analyze, compare,
-tiny_model for make-tiny-model, eval, compare_runs, sweep); `common` holds what every command
+tiny_model for make-tiny-model, eval, compare_runs, sweep, demo); `common` holds what every command
 shares (errors, tables, model loading, the model and segmentation options), `common_analysis` what
 analyze and compare share, `common_eval` what eval and sweep share. Nothing outside this package
 imports it (README, "Where things live").

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 
-from .. import demo
-from . import analyze, compare, compare_runs, generate, sweep, tiny_model
+from . import analyze, compare, compare_runs, demo, generate, sweep, tiny_model
 from . import eval as eval_command
-from .common import RAW, dispatch
+from .common import command_parser, dispatch
 
-COMMANDS = (generate, analyze, compare, tiny_model, eval_command, compare_runs, sweep)
+COMMANDS = (generate, analyze, compare, tiny_model, eval_command, compare_runs, sweep, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepflow", formatter_class=RAW, description=(
+    return command_parser(COMMANDS, description=(
         "Step-Saliency diagnostics and StepFlow repair of reasoning traces on Hugging Face causal LMs."),
         epilog="examples:\n  stepflow make-tiny-model tiny\n"
                "  stepflow generate --model tiny --prompt 'What is 12 + 7?' --out gen.jsonl\n"
@@ -26,11 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
                "  stepflow eval --model tiny --data gsm8k.jsonl --task math --max-new-tokens 16 --out runs/base\n"
                "  stepflow compare-runs runs/base runs/sf\n"
                "\nrun `stepflow COMMAND --help` for the options of each command.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        command.add_parser(sub)
-    demo.add_parser(sub, RAW)  # the demo's options still live in stepflow_ext.demo
-    return parser
 
 
 def main(argv=None) -> int:

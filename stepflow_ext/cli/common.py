@@ -1,5 +1,5 @@
 """What every command shares: errors and tables, model loading, the model and segmentation options,
-and running a parsed command.
+the parser and running a command.
 
 The command modules import this one; it imports none of them (nor anything else of the CLI).
 """
@@ -111,6 +111,15 @@ def exit_status(errors, what="trace") -> int:
     for e in errors:
         err(f"  {e}")
     return 1
+
+
+def command_parser(commands, **kwargs) -> argparse.ArgumentParser:
+    """The `stepflow` parser with the subcommands of these command modules (each one's add_parser), in order."""
+    parser = argparse.ArgumentParser(prog="stepflow", formatter_class=RAW, **kwargs)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in commands:
+        command.add_parser(sub)
+    return parser
 
 
 def dispatch(parser, argv=None) -> int:
