@@ -104,7 +104,7 @@ def _groups_of(record: dict) -> list[str]:
 
 def by_group(run_dir: str, groups: dict) -> dict:
     """{group: (n, pass@1, [lo, hi])} from a run's per-item correctness."""
-    from .eval.commands import read_summary
+    from .eval.paired import read_summary
     from .eval.stats import accuracy
 
     per_item = read_summary(run_dir)["per_item"]
@@ -132,9 +132,11 @@ def pick_traces(run_dir: str, count: int) -> list[dict]:
             for r in with_summary]
 
 
-def cmd_demo(args) -> int:
-    from . import cli
-    from .eval import commands
+def run(args, command) -> int:
+    """The demo with the options of `stepflow demo` (args); command(argv) runs `stepflow ARGV` (sweep,
+    eval, analyze, compare) and returns its exit status. Returns the worst status of the stages."""
+    from .console import UsageError, err, print_table
+    from .eval import paired
     from .eval.data import load_items
     from .report import Report
 
@@ -142,19 +144,19 @@ def cmd_demo(args) -> int:
     packaged = args.model is None
     model = args.model or default_model_dir()
     if packaged and not os.path.isfile(os.path.join(model, "config.json")):
-        raise cli.UsageError(f"the embedded model is missing at {model} (was the package installed with its data "
+        raise UsageError(f"the embedded model is missing at {model} (was the package installed with its data "
                              "files?); pass --model M")
     if args.data is None:
         if not packaged:
-            raise cli.UsageError("--model needs --data FILE (the embedded data suits only the embedded model)")
+            raise UsageError("--model needs --data FILE (the embedded data suits only the embedded model)")
         dev_src, test_src = default_data()
     else:
         test_src, dev_src = args.data, args.dev
         if dev_src is None:
-            raise cli.UsageError("--data needs --dev FILE: the config is chosen on dev, never on the test items")
+            raise UsageError("--data needs --dev FILE: the config is chosen on dev, never on the test items")
     for path in (dev_src, test_src):
         if not os.path.isfile(path):
-            raise cli.UsageError(f"no such file: {path}")
+            raise UsageError(f"no such file: {path}")
     instruction = args.instruction or ("none" if packaged else "default")
     # The embedded model writes one substitution per paragraph and no sentence ends ("y = x - 1 = 80\n\n"),
     # so the paper's sentence rule would see one step: it is segmented by the paragraph rule. Other models
@@ -180,11 +182,11 @@ def cmd_demo(args) -> int:
 
     t = _stage("2/6 sweep on dev, then baseline / chosen / controls on test")
     sweep_dir = os.path.join(out, "sweep")
-    status = max(status, cli.main(["sweep", *common, "--dev", dev_path, "--test", test_path, "--grid", args.grid,
-                                   "--with-controls", "--out", sweep_dir]))
+    status = max(status, command(["sweep", *common, "--dev", dev_path, "--test", test_path, "--grid", args.grid,
+                                  "--with-controls", "--out", sweep_dir]))
     chosen_path = os.path.join(sweep_dir, "chosen.json")
     if not os.path.isfile(chosen_path):
-        cli._err("demo: the sweep chose no config; see the messages above")
+        err("demo: the sweep chose no config; see the messages above")
         return max(status, 1)
     with open(chosen_path) as f:
         chosen = json.load(f)
@@ -195,17 +197,17 @@ def cmd_demo(args) -> int:
 
     t = _stage("3/6 StepFlow's default config on test")
     default_dir = os.path.join(out, "test_default")
-    status = max(status, cli.main(["eval", *common, "--data", test_path,
-                                   "--stepflow", "default", "--out", default_dir]))
+    status = max(status, command(["eval", *common, "--data", test_path,
+                                  "--stepflow", "default", "--out", default_dir]))
     print(f"({time.time() - t:.0f} s)")
 
     _stage("4/6 paired comparison on test")
     names = ["baseline", "default", "chosen", "random-attn", "random-residual"]
     dirs = [os.path.join(sweep_dir, "test", "baseline"), default_dir] + \
         [os.path.join(sweep_dir, "test", n) for n in names[2:]]
-    report = commands.compare_runs(dirs, names, n_boot=args.n_boot, seed=0)
-    commands.print_comparison(report)
-    commands.write_comparison(report, os.path.join(out, "paired.json"))
+    report = paired.compare_runs(dirs, names, n_boot=args.n_boot, seed=0)
+    paired.print_comparison(report)
+    paired.write_comparison(report, os.path.join(out, "paired.json"))
     length_rows = []
     per_run = {n: by_group(d, groups) for n, d in zip(names, dirs)}
     for group in groups:
@@ -215,7 +217,7 @@ def cmd_demo(args) -> int:
             row.append("n/a" if g is None else f"{100 * g[1]:.0f} [{100 * g[2][0]:.0f}, {100 * g[2][1]:.0f}]")
         length_rows.append(row)
     length_header = ["items", "n"] + names
-    cli._print_table("pass@1 % by chain length [95% bootstrap CI]", length_header, length_rows)
+    print_table("pass@1 % by chain length [95% bootstrap CI]", length_header, length_rows)
 
     t = _stage("5/6 Step-Saliency of the baseline's test traces, before and after the chosen config")
     traces = pick_traces(dirs[0], args.traces)
@@ -225,12 +227,12 @@ def cmd_demo(args) -> int:
             f.write(json.dumps(tr) + "\n")
     analyze_dir, compare_dir = os.path.join(out, "analyze"), os.path.join(out, "compare")
     if traces:
-        status = max(status, cli.main(["analyze", "--model", model, *placement, "--traces", trace_path,
-                                       "--out", analyze_dir]))
-        status = max(status, cli.main(["compare", "--model", model, *placement, "--traces", trace_path,
-                                       "--stepflow", config_path, "--out", compare_dir]))
+        status = max(status, command(["analyze", "--model", model, *placement, "--traces", trace_path,
+                                      "--out", analyze_dir]))
+        status = max(status, command(["compare", "--model", model, *placement, "--traces", trace_path,
+                                      "--stepflow", config_path, "--out", compare_dir]))
     else:
-        cli._err("demo: no baseline completion reached a summary; no Step-Saliency maps")
+        err("demo: no baseline completion reached a summary; no Step-Saliency maps")
     print(f"({time.time() - t:.0f} s)")
 
     _stage("6/6 report")
@@ -246,7 +248,7 @@ def cmd_demo(args) -> int:
              f"{args.grid}. Chosen on dev: {chosen['name']}, {_describe_config(None, chosen['config'])} "
              f"({chosen.get('rule', '')}).")
     rep.heading("Accuracy on test, paired against the stock model")
-    rep.table(["run", "what"] + commands.COMPARE_HEADER[1:], commands.compare_table(report, what=True))
+    rep.table(["run", "what"] + paired.COMPARE_HEADER[1:], paired.compare_table(report, what=True))
     rep.text(f"{report['mcnemar_note']}. Δ: pass@1 minus the baseline's in percentage points, paired-bootstrap "
              "95% CI and p-value; b01: items the baseline got wrong and the run right, b10: the reverse. "
              "random-attn / random-residual: the chosen config with OEB / SMI replaced by its control "
@@ -283,7 +285,7 @@ def cmd_demo(args) -> int:
 def _describe_config(run_dir, config=None) -> str:
     """One line for a StepFlow config, from a run's settings or a config dict."""
     from .config import StepFlowConfig
-    from .eval.commands import read_summary
+    from .eval.paired import read_summary
 
     if config is None:
         try:
@@ -291,39 +293,3 @@ def _describe_config(run_dir, config=None) -> str:
         except Exception:  # noqa: BLE001 - the run failed; its error was reported
             return "n/a"
     return StepFlowConfig.from_dict(config).describe() if config else "none"
-
-
-def add_parser(sub, raw):
-    p = sub.add_parser(
-        "demo", formatter_class=raw, help="the whole method in one command (offline, on the embedded model)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
-        epilog="examples:\n"
-               "  stepflow demo                      # embedded model and data, a few minutes on 2 CPU cores\n"
-               "  stepflow demo --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --task math \\\n"
-               "      --data math500_test.jsonl --dev math500_dev.jsonl --max-new-tokens 4096 --out runs/demo-r1\n")
-    p.add_argument("--model", default=None, metavar="M",
-                   help="a local directory or hub id (default: the embedded tiny reasoner)")
-    p.add_argument("--data", default=None, metavar="FILE", help="test items, JSONL (default: the embedded test split)")
-    p.add_argument("--dev", default=None, metavar="FILE", help="dev items the config is chosen on (needed with --data)")
-    p.add_argument("--task", default="math", choices=("math", "mcq", "code"))
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo; resumable)")
-    p.add_argument("--per-length", type=int, default=6, metavar="K",
-                   help="items per chain length when the items have a 'steps' field (default 6)")
-    p.add_argument("--items", type=int, default=40, metavar="N",
-                   help="items per split when they have no 'steps' field (default 40)")
-    p.add_argument("--grid", default=DEFAULT_GRID, help=f"the sweep's grid on dev (default {DEFAULT_GRID!r})")
-    p.add_argument("--traces", type=int, default=8, metavar="N",
-                   help="baseline completions for the Step-Saliency pictures (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=320, metavar="N", help="default 320")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default 16")
-    p.add_argument("--instruction", default=None, metavar="TEXT",
-                   help="default | none | TEXT (default: none for the embedded model, which was trained on bare "
-                        "questions; default otherwise)")
-    p.add_argument("--steps", default=None, choices=("sentence", "paragraph"),
-                   help="step rule (default: paragraph for the embedded model, whose steps are paragraphs without "
-                        "sentence ends; sentence, the paper's, otherwise)")
-    p.add_argument("--n-boot", type=int, default=10000, metavar="N", help="bootstrap resamples (default 10000)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.set_defaults(func=cmd_demo)
-    return p

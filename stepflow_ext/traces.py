@@ -121,6 +121,21 @@ def encode_completion(tokenizer, text: str) -> list:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def eos_ids(model, tokenizer) -> set:
+    """The ids that end a generation: the model's generation config's and config's eos_token_id
+    (an int or a list) and the tokenizer's."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def _ids(record, vocab_size):
     ids = record.get("input_ids")
     if not isinstance(ids, list) or not ids:

@@ -24,6 +24,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from .boxed import extract_boxed
+
 TASKS = ("math", "mcq", "code")
 
 ID_KEYS = ("id", "idx", "question_id", "unique_id", "problem_id", "task_id", "Record ID")
@@ -197,7 +199,6 @@ def _math_item(record: dict, item_id: str) -> EvalItem:
             raise _FieldError("answer", "missing the reference answer (no 'answer' and no 'solution')")
         if not isinstance(record["solution"], str):
             raise _FieldError("solution", f"expected a string, got {type(record['solution']).__name__}")
-        from .grade import extract_boxed  # grade imports this module; import here to avoid a cycle
         answer = extract_boxed(record["solution"])
         if not answer:
             raise _FieldError("solution", "no 'answer' field and no \\boxed{} answer in 'solution'")

@@ -18,6 +18,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from .boxed import boxed_spans, extract_boxed  # noqa: F401  (extract_boxed is part of this module's API)
 from .data import LETTERS, TASKS, EvalItem
 
 MATH_TIMEOUT_S = 5.0          # parse + verify of one answer, seconds
@@ -51,40 +52,6 @@ def summary_of(completion: str) -> str:
     """The part after the last "</think>" (the model's final answer), or the whole text without one."""
     head, sep, tail = completion.rpartition("</think>")
     return tail if sep else completion
-
-
-# ---------------------------------------------------------------------------------------------- \boxed
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
-
-
-def boxed_spans(text: str) -> list[tuple[int, str]]:
-    """All \\boxed{...} / \\fbox{...} / "\\boxed 5" contents with their start offsets; braces may nest."""
-    found = []
-    for m in _BOXED.finditer(text):
-        i = m.end()
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                if text[j] == "{" and text[j - 1] != "\\":
-                    depth += 1
-                elif text[j] == "}" and text[j - 1] != "\\":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j += 1
-            if depth == 0:  # an unclosed brace (truncated output) is no answer
-                found.append((m.start(), text[i + 1:j]))
-        elif m.group().endswith((" ", "\t")):  # "\boxed 5": up to whitespace or "$"
-            word = re.match(r"[^\s$]+", text[i:])
-            if word:
-                found.append((m.start(), word.group()))
-    return found
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{} in `text` (nested braces kept), or None."""
-    spans = boxed_spans(text)
-    return spans[-1][1].strip() if spans else None
 
 
 # ---------------------------------------------------------------------------------------------- math

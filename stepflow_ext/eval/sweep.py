@@ -101,9 +101,9 @@ class Candidate:
 
 def _value_name(value) -> str:
     if isinstance(value, tuple):
-        from ..cli import _span
+        from ..console import span
 
-        return _span(value).replace(",", "+") if value else "none"
+        return span(value).replace(",", "+") if value else "none"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
