@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import stepflow_ext as sf
-from stepflow_ext import cli, report
+from stepflow_ext import cli, plot_core, report
 from stepflow_ext.traces import read_traces
 from hf_models import model as make_model, tokenizer as make_tokenizer
 
@@ -346,7 +346,7 @@ def test_pictures_for_28_layers_and_52_steps(tmp_path):
     assert plot.pick_ticks(report.grid_labels(10)) == list(range(12))
     short = plot.segment_labels(kinds[:14] + ["summary"])
     assert [short[i] for i in plot.pick_ticks(short)] == ["Q", "S2", "S4", "S6", "S8", "S10", "S12", "A"]
-    assert plot._grid_shape(28) == (4, 7)
+    assert plot_core._grid_shape(28) == (4, 7)
     path = plot.plot_heatmaps(tmp_path / "h.png", plot.result_shares(res), labels, title="28 layers")
     _is_picture(path, min_size=(1500, 900))
     res.plot(tmp_path / "r.png")
