@@ -55,7 +55,7 @@ def extensions():
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else ""
     defines = [("STEPFLOW_VERSION", f'"{VERSION}"'), ("STEPFLOW_CUDA_ARCHS", f'"{archs}"')]
-    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]  # no implicit FMA; the C++ standard is the one torch asks for
     include = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]

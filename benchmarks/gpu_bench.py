@@ -7,7 +7,11 @@ Cases, each against what a user would otherwise run, side by side in one process
   additive bias through SDPA, as PASTA-style tools do);
 - step_saliency_pool vs the materialized reference; full-model step_saliency (Qwen2-1.5B dims,
   random weights) vs a plain SDPA forward + backward of the same loss, up to the largest T that fits;
-- generate tokens/s with StepFlow vs stock.
+- generate tokens/s with StepFlow vs stock;
+- a decode step's op calls (oeb_attention on an 8k / 32k cache, smi_value, step_momentum_decode_)
+  replayed from a CUDA graph vs eager (the ops issue no host sync, so they capture; issue 15);
+- the OEB backward under torch.use_deterministic_algorithms(True) (the scalar path, no dQ atomics)
+  vs the default tensor-core backward.
 Every number is a median of CUDA-event timings after warm-up; memory is torch.cuda peak.
 `--smoke` runs tiny sizes (also on the CPU) to check the script itself.
 """
@@ -245,6 +249,79 @@ def bench_generate(device, dtype, smoke, rows):
                  "baselines": {"stock": stock}, "note": f"{tps(ours[0]):.0f} vs {tps(stock[0]):.0f} tok/s"})
 
 
+# --------------------------------------------------------------------------- issue 15: capture, determinism
+
+
+def bench_capture(device, dtype, smoke, rows):
+    """One decode step's op calls, eager vs replayed from a CUDA graph."""
+    h, h_kv, d = SHAPES["7B"]
+    hidden = 3584
+    for tk in ([512] if smoke else [8192, 32768]):
+        q = torch.randn(1, h, 1, d, device=device, dtype=dtype)
+        k = torch.randn(1, h_kv, tk, d, device=device, dtype=dtype)
+        v = torch.randn(1, h_kv, tk, d, device=device, dtype=dtype)
+        x = torch.randn(1, 1, hidden, device=device, dtype=dtype)
+        kv_start = torch.zeros(1, dtype=torch.long, device=device)
+        bounds = torch.tensor([[[tk // 10, tk // 2]]], device=device)
+        windows = torch.tensor([[[tk // 3, tk // 3 + 4]]], device=device)
+        seg = torch.tensor([[1]], device=device)
+        kinds = torch.tensor([[0, 1, 2]], device=device)
+
+        def step(state):
+            out, _, _ = sf.ops.oeb_attention(q, k, v, kv_start, bounds, "bridge")
+            out = sf.ops.smi_value(out.transpose(1, 2), v, windows, 0.06, 4)
+            return out, sf.ops.step_momentum_decode_(x, seg, kinds, state, 0.9, 0.05)
+
+        state = sf.ops.new_momentum_state(1, hidden, device)
+        eager = measure(lambda: step(state), device, reps=20)
+        note = ""
+        if device == "cuda":
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    step(sf.ops.new_momentum_state(1, hidden, device))
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step(state)
+                replay = measure(graph.replay, device, reps=20)
+                note = "captured"
+            except Exception as e:  # noqa: BLE001 - a failed capture is the result to report
+                replay, note = (float("nan"), float("nan"), "capture failed"), f"{type(e).__name__}: {str(e)[:100]}"
+        else:
+            replay, note = (float("nan"), float("nan"), "no CUDA"), "no CUDA"
+        rows.append({"case": f"decode step ops KV={tk} 7B", "ours_ms": replay[0], "ours_mib": replay[1],
+                     "baselines": {"eager": eager}, "note": f"graph replay; {note}"})
+
+
+def bench_determinism(device, dtype, smoke, rows):
+    """The OEB backward: deterministic mode (scalar path) vs default (tensor cores, dQ atomics)."""
+    h, h_kv, d = SHAPES["1.5B"]
+    t = 256 if smoke else 4096
+    q = torch.randn(1, h, t, d, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, h_kv, t, d, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, h_kv, t, d, device=device, dtype=dtype, requires_grad=True)
+    seg = trace_segments(t)
+    bounds = sf.reference.oeb_bounds(seg.seg_ids, seg.seg_kinds_tensor(), "bridge").to(device)
+    kv_start = torch.zeros(1, dtype=torch.long, device=device)
+    out, _, _ = sf.oeb_attention(q, k, v, kv_start, bounds, rule="bridge")
+    grad = torch.randn_like(out)
+
+    def backward():
+        return torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+
+    default = measure(backward, device)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = measure(backward, device)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    rows.append({"case": f"oeb backward deterministic T={t}", "ours_ms": det[0], "ours_mib": det[1],
+                 "baselines": {"default": default}, "note": det[2]})
+
+
 def table(rows):
     lines = [f"{'case':34} {'ours ms':>9} {'ours MiB':>9}  baselines (ms, ratio ours/baseline)"]
     for r in rows:
@@ -261,11 +338,24 @@ def main():
     ap.add_argument("--out", default="gpu_out/gpu_bench.json", help="JSON results (a .table file is written beside)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
-    ap.add_argument("--only", default="oeb,saliency,model,generate", help="comma-separated parts to run")
+    ap.add_argument("--only", default="capture,determinism,oeb,saliency,model,generate",
+                    help="comma-separated parts to run")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rows = []
-    parts = {"oeb": bench_oeb, "saliency": bench_saliency_op, "model": bench_model, "generate": bench_generate}
+    parts = {"capture": bench_capture, "determinism": bench_determinism, "oeb": bench_oeb,
+             "saliency": bench_saliency_op, "model": bench_model, "generate": bench_generate}
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def write():  # after every part: a run cut by a timeout still leaves its table
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                       "dtype": str(dtype), "rows": rows}, f, indent=1, default=str)
+        with open(os.path.splitext(args.out)[0] + ".table", "w") as f:
+            f.write(table(rows) + "\n")
+
     for name in args.only.split(","):
         t0 = time.time()
         try:
@@ -274,16 +364,8 @@ def main():
             rows.append({"case": f"{name} FAILED", "ours_ms": float("nan"), "ours_mib": float("nan"), "baselines": {},
                          "note": f"{type(e).__name__}: {str(e)[:160]}"})
         print(f"[{name}: {time.time() - t0:.0f} s]", flush=True)
-    text = table(rows)
-    import os
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "dtype": str(dtype),
-                   "rows": rows}, f, indent=1, default=str)
-    with open(os.path.splitext(args.out)[0] + ".table", "w") as f:
-        f.write(text + "\n")
-    print(text)
+        write()
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,16 @@
 """Python face of the compiled ops: argument checks, fake (meta) kernels and autograd.
 
-The C++ schemas are in csrc/ops.cpp; kernels in csrc/cpu (and csrc/cuda). The wrappers here
-check every argument and raise ValueError naming it, so bad input never reaches a kernel
-(the kernels TORCH_CHECK the same things again for callers of torch.ops.stepflow directly).
+The C++ schemas are in csrc/ops.cpp; kernels in csrc/cpu (and csrc/cuda).
+
+Checks and host synchronization (docs/method_kernels.md). The wrappers check everything that
+does not need a tensor's contents (types, shapes, dtypes, devices, scalars) and raise ValueError
+naming the argument. They never read tensor values (no .item(), .tolist(), bool(tensor), .cpu()),
+so a call issues no device-to-host copy and traces cleanly under torch.compile and CUDA-graph
+capture. The values (kv_start and bounds ranges, segment ids, sink logits, the decode state) are
+checked by the kernels: the CPU kernels on the host, where that is free (their RuntimeError comes
+back from the wrappers as ValueError with the kernel's message); the CUDA kernels on the device,
+where a bad value is a device-side assert (csrc/cuda/device_checks.cuh). float64 on CUDA is the
+exception: oeb_attention runs the CPU kernel on host copies there.
 """
 from __future__ import annotations
 
@@ -81,16 +89,26 @@ def _check_scale(scale):
     return float(scale)
 
 
-def _check_seg_ids(name, seg_ids, batch, length, num_segments=None):
+def _check_seg_ids(name, seg_ids, batch, length):
+    """Type and shape; the values (-1 or in [0, S)) are the kernels' to check."""
     _check_tensor(name, seg_ids, 2, dtypes=(torch.int64, torch.int32))
     if tuple(seg_ids.shape) != (batch, length):
         raise ValueError(f"{name} must have shape ({batch}, {length}), got {tuple(seg_ids.shape)}")
-    if seg_ids.numel() and seg_ids.device.type != "meta":
-        lo, hi = int(seg_ids.min()), int(seg_ids.max())
-        if lo < -1:
-            raise ValueError(f"{name} must be >= -1 (-1 marks padding), found {lo}")
-        if num_segments is not None and hi >= num_segments:
-            raise ValueError(f"{name} has segment id {hi} but num_segments is {num_segments}")
+
+
+def _kernel_errors_as_value_errors(op, fn, *args):
+    """fn(*args); a TORCH_CHECK of the kernel on an argument (a RuntimeError whose message starts
+    with `op`, as the CPU kernels' checks of the values do) is raised as ValueError."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        message = str(e).split("\n")[0]
+        if message.startswith(op):
+            raise ValueError(message) from e
+        raise
+
+
+HEAD_DIM_MAX = 256  # the CUDA kernels' limit, enforced on every device so CPU and GPU accept the same inputs
 
 
 # --------------------------------------------------------------------------- shared OEB arguments
@@ -104,9 +122,7 @@ def _check_sink(sink, q):
         raise ValueError(f"sink must have shape (H,) = ({q.shape[1]},), one logit per query head, got {tuple(sink.shape)}")
     if sink.device != q.device:
         raise ValueError(f"sink is on {sink.device} but q is on {q.device}")
-    if sink.device.type != "meta" and not bool(torch.isfinite(sink).all()):
-        raise ValueError("sink must hold finite logits")
-    return sink
+    return sink  # finite logits: the kernels check the values
 
 
 def _check_window(window):
@@ -132,40 +148,16 @@ def _check_rule_args(rule, strength, tau_max, eps, prefix=""):
     return strength, tau_max, eps
 
 
-def _check_bounds(name, bounds, batch, tq, tk):
+def _check_bounds(name, bounds, batch, tq):
+    """Type and shape; the values ((-1, -1) or 0 <= a <= b <= the query's position + 1) are the
+    kernels' to check."""
     _check_tensor(name, bounds, 3, dtypes=(torch.int64, torch.int32))
     if tuple(bounds.shape) != (batch, tq, 2):
         raise ValueError(f"{name} must have shape ({batch}, {tq}, 2), got {tuple(bounds.shape)}")
-    if bounds.numel() and bounds.device.type != "meta":
-        a, c = bounds[..., 0], bounds[..., 1]
-        end = torch.arange(tk - tq, tk, device=bounds.device)[None] + 1  # keys [.., end) for query i
-        off = (a == -1) & (c == -1)
-        ok = off | ((a >= 0) & (a <= c) & (c <= end))
-        if not bool(ok.all()):
-            row, i = (int(x) for x in (~ok).nonzero()[0])
-            raise ValueError(f"{name}[{row}, {i}] = {bounds[row, i].tolist()}: each query needs (-1, -1) (not "
-                             f"intervened) or 0 <= a <= b <= its key position + 1 ({int(end[0, i])})")
     return bounds.long()
 
 
 # --------------------------------------------------------------------------- step_saliency_pool
-
-
-def _check_padding_at_ends(seg_ids):
-    """With oeb_bounds the OEB groups are key ranges by position (kv_start = a row's first valid
-    token), so padding may only sit before or after a row's valid tokens (the kernels check it too)."""
-    if not seg_ids.numel() or seg_ids.device.type == "meta":
-        return
-    valid = seg_ids >= 0
-    t = seg_ids.shape[1]
-    first = valid.int().argmax(dim=1)
-    last = t - 1 - valid.flip(1).int().argmax(dim=1)
-    holes = valid.any(dim=1) & (last - first + 1 != valid.sum(dim=1))
-    if bool(holes.any()):
-        row = int(holes.nonzero()[0, 0])
-        raise ValueError(f"with oeb_bounds, seg_ids may mark padding (-1) only at the ends of a row (the OEB "
-                         f"groups are key ranges by position), but row {row} has padding inside it")
-
 
 
 def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None,
@@ -195,7 +187,7 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 1:
         raise ValueError(f"num_segments must be a positive int, got {num_segments!r}")
     b, _, t, _ = q.shape
-    _check_seg_ids("seg_ids", seg_ids, b, t, num_segments)
+    _check_seg_ids("seg_ids", seg_ids, b, t)
     scale = _check_scale(scale)
     if head_reduction not in HEAD_REDUCTIONS:
         raise ValueError(f"head_reduction must be one of {HEAD_REDUCTIONS}, got {head_reduction!r}")
@@ -207,13 +199,14 @@ def step_saliency_pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_red
     window = _check_window(window)
     oeb_strength, oeb_tau_max, oeb_eps = _check_rule_args(oeb_rule, oeb_strength, oeb_tau_max, oeb_eps, "oeb_")
     if oeb_bounds is not None:
-        oeb_bounds = _check_bounds("oeb_bounds", oeb_bounds, b, t, t)
-        _check_padding_at_ends(seg_ids)
+        oeb_bounds = _check_bounds("oeb_bounds", oeb_bounds, b, t)
     _check_device("step_saliency_pool", "q", q, k=k, v=v, grad_out=grad_out, seg_ids=seg_ids, lse=lse,
                   oeb_bounds=oeb_bounds)
-    return torch.ops.stepflow.step_saliency_pool(q, k, v, grad_out, seg_ids.long(), num_segments, scale,
-                                                 head_reduction, lse, sink, window, oeb_bounds, oeb_rule,
-                                                 oeb_strength, oeb_tau_max, oeb_eps)
+    # The values (seg ids in [-1, num_segments), oeb_bounds, padding only at the ends of a row with
+    # oeb_bounds, finite sink logits) are checked by the kernel.
+    return _kernel_errors_as_value_errors(
+        "step_saliency_pool", torch.ops.stepflow.step_saliency_pool, q, k, v, grad_out, seg_ids.long(), num_segments,
+        scale, head_reduction, lse, sink, window, oeb_bounds, oeb_rule, oeb_strength, oeb_tau_max, oeb_eps)
 
 
 @torch.library.register_fake("stepflow::step_saliency_pool")
@@ -231,13 +224,13 @@ def _check_oeb_args(q, k, v, kv_start, bounds, rule, strength, tau_max, eps, sin
     tk = k.shape[2]
     if tq > tk:
         raise ValueError(f"q has {tq} tokens but k only {tk}: queries must not outnumber keys")
+    if q.shape[-1] > HEAD_DIM_MAX:
+        raise ValueError(f"head dim must be at most {HEAD_DIM_MAX} (the CUDA kernels' limit, enforced on every "
+                         f"device), got {q.shape[-1]}")
     _check_tensor("kv_start", kv_start, 1, dtypes=(torch.int64, torch.int32))
     if tuple(kv_start.shape) != (b,):
         raise ValueError(f"kv_start must have shape ({b},), got {tuple(kv_start.shape)}")
-    if kv_start.numel() and kv_start.device.type != "meta":
-        if int(kv_start.min()) < 0 or int(kv_start.max()) > tk:
-            raise ValueError(f"kv_start must be in [0, {tk}], got {kv_start.tolist()}")
-    bounds = _check_bounds("bounds", bounds, b, tq, tk)
+    bounds = _check_bounds("bounds", bounds, b, tq)
     strength, tau_max, eps = _check_rule_args(rule, strength, tau_max, eps)
     sink = _check_sink(sink, q)
     window = _check_window(window)
@@ -268,8 +261,9 @@ def oeb_attention(q, k, v, kv_start, bounds, rule="bridge", strength=0.5, tau_ma
         scale = q.shape[-1] ** -0.5
     bounds, strength, tau_max, eps, sink, window, scale = _check_oeb_args(q, k, v, kv_start, bounds, rule, strength,
                                                                           tau_max, eps, sink, window, scale)
-    return torch.ops.stepflow.oeb_attention(q, k, v, kv_start.long(), bounds, rule, strength, tau_max, eps, sink,
-                                            window, scale)
+    # The values (kv_start in [0, Tk], bounds, finite sink logits) are checked by the kernel.
+    return _kernel_errors_as_value_errors("oeb_attention", torch.ops.stepflow.oeb_attention, q, k, v, kv_start.long(),
+                                          bounds, rule, strength, tau_max, eps, sink, window, scale)
 
 
 def active_count(stats) -> int:
@@ -308,7 +302,7 @@ def _oeb_backward(ctx, grad_out, grad_lse, grad_stats):
     need = ctx.needs_input_grad
     dq = dk = dv = dsink = None
     backward = torch.ops.stepflow.oeb_attention_backward
-    if sink is not None and need[9] and q.dtype == torch.float64 and q.shape[-1] < 256:
+    if sink is not None and need[9] and q.dtype == torch.float64 and q.shape[-1] < HEAD_DIM_MAX:
         # float64: the sink's gradient as exact as dq. Shifting every logit of a row and the sink by
         # the same c changes nothing, so dL/d sink = -sum_j dS_ij; a zero feature of q against a unit
         # feature of k (the logits unchanged) reads that sum off dq: dq'[..., d] = scale sum_j dS_ij.
@@ -339,41 +333,19 @@ torch.library.register_autograd("stepflow::oeb_attention", _oeb_backward, setup_
 #
 # Segments are taken in the order tokens arrive: along the valid (seg id >= 0) tokens of a row
 # the segment ids must never decrease (a decode chunk must also not go back before the state's
-# current segment). Both the wrappers (ValueError) and the kernels (RuntimeError) check it.
+# current segment). The kernels check it with the other values (seg ids in [-1, S), kinds in
+# {0, 1, 2}, the state counters): on the CPU as RuntimeError (ValueError from the wrappers), on
+# CUDA as a device-side assert.
 
 
-def _check_seg_order(seg_ids, current=None):
-    """ValueError unless the valid seg ids of every row are non-decreasing (and >= current)."""
-    if not seg_ids.numel() or seg_ids.device.type == "meta":
-        return
-    ids = seg_ids if current is None else torch.cat([current[:, None].to(seg_ids.dtype), seg_ids], dim=1)
-    bad = (ids >= 0) & (ids != ids.cummax(dim=1).values)
-    if bool(bad.any()):
-        row, pos = (int(v) for v in bad.nonzero()[0])
-        prev, seg = int(ids[row, :pos].max()), int(ids[row, pos])
-        state = "" if current is None else f" (the state was in segment {int(current[row])})"
-        token = pos if current is None else pos - 1
-        raise ValueError(f"seg_ids must not decrease along a row (segments are taken in the order tokens arrive): "
-                         f"row {row} token {token} has segment {seg} after segment {prev}{state}")
-
-
-def _check_smi_args(h, seg_ids, seg_kinds, beta, gamma, check_values=True):
-    """Shapes, dtypes, devices and scalars; with check_values also the contents of seg_ids and
-    seg_kinds (range, order), which reads them (a device sync on CUDA)."""
+def _check_smi_args(h, seg_ids, seg_kinds, beta, gamma):
+    """Types, shapes, devices and scalars (no tensor values: those are the kernels' to check)."""
     _check_tensor("h", h, 3)
     b, t, _ = h.shape
     _check_tensor("seg_kinds", seg_kinds, 2, dtypes=(torch.int64, torch.int32))
     if seg_kinds.shape[0] != b:
         raise ValueError(f"seg_kinds has batch {seg_kinds.shape[0]} but h has batch {b}")
-    if check_values:
-        if seg_kinds.numel() and seg_kinds.device.type != "meta":
-            if int(seg_kinds.min()) < 0 or int(seg_kinds.max()) > 2:
-                raise ValueError("seg_kinds must hold 0 (question), 1 (step) or 2 (summary)")
-        _check_seg_ids("seg_ids", seg_ids, b, t, seg_kinds.shape[1])
-    else:
-        _check_tensor("seg_ids", seg_ids, 2, dtypes=(torch.int64, torch.int32))
-        if tuple(seg_ids.shape) != (b, t):
-            raise ValueError(f"seg_ids must have shape ({b}, {t}), got {tuple(seg_ids.shape)}")
+    _check_seg_ids("seg_ids", seg_ids, b, t)
     beta = _check_scalar_range("beta", beta, 0.0, 1.0, hi_open=True)
     gamma = float(gamma) if isinstance(gamma, (int, float)) and not isinstance(gamma, bool) else gamma
     if not isinstance(gamma, float) or not gamma >= 0 or gamma == float("inf"):
@@ -391,13 +363,13 @@ def step_momentum(h, seg_ids, seg_kinds, beta=0.9, gamma=0.05):
     `_step_momentum_torch`, the same function in PyTorch ops; double backward works too).
     """
     beta, gamma = _check_smi_args(h, seg_ids, seg_kinds, beta, gamma)
-    _check_seg_order(seg_ids)
-    return torch.ops.stepflow.step_momentum(h, seg_ids.long(), seg_kinds.long(), beta, gamma)
+    return _kernel_errors_as_value_errors("step_momentum", torch.ops.stepflow.step_momentum, h, seg_ids.long(),
+                                          seg_kinds.long(), beta, gamma)
 
 
 @torch.library.register_fake("stepflow::step_momentum")
 def _(h, seg_ids, seg_kinds, beta, gamma):
-    return torch.empty_like(h)
+    return h.new_empty(h.shape)  # contiguous, as the kernels return it whatever the strides of h
 
 
 def _step_momentum_torch(h, seg_ids, seg_kinds, beta, gamma):
@@ -488,10 +460,10 @@ def step_momentum_decode_(h, seg_ids, seg_kinds, state, beta=0.9, gamma=0.05):
     rounds through the fp32 state between chunks). Not differentiable: call it without grad
     (generation); teacher-forced passes that need gradients use step_momentum.
     """
-    # Per-token calls are hot: on CPU the kernel validates the contents of seg_ids, seg_kinds and
-    # the counters (before it writes anything) and its errors come back as ValueError here.
-    on_cpu = h.device.type == "cpu" if isinstance(h, torch.Tensor) else True
-    beta, gamma = _check_smi_args(h, seg_ids, seg_kinds, beta, gamma, check_values=not on_cpu)
+    # Per-token calls are hot: the kernel validates the contents of seg_ids, seg_kinds and the
+    # counters before it writes anything (on the CPU its errors come back as ValueError here; on
+    # CUDA a bad value is a device-side assert, and the state is left as it was).
+    beta, gamma = _check_smi_args(h, seg_ids, seg_kinds, beta, gamma)
     if not isinstance(state, (tuple, list)) or len(state) != 3:
         raise ValueError("state must be the (momentum, step_sum, counters) tuple of new_momentum_state")
     momentum, step_sum, counters = state
@@ -503,17 +475,11 @@ def step_momentum_decode_(h, seg_ids, seg_kinds, state, beta=0.9, gamma=0.05):
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"state {name} must be a {dtype} tensor of shape {shape}, got {got}")
         _check_device("step_momentum_decode_", "h", h, **{name: x})
-    if not on_cpu:
-        _check_seg_order(seg_ids, current=counters[:, 0])
 
     def call(x):
-        try:
-            return torch.ops.stepflow.step_momentum_decode_(x, seg_ids.long(), seg_kinds.long(), momentum,
-                                                            step_sum, counters, beta, gamma)
-        except RuntimeError as e:
-            if str(e).startswith("step_momentum"):  # a TORCH_CHECK on the arguments
-                raise ValueError(str(e).split("\n")[0]) from e
-            raise
+        return _kernel_errors_as_value_errors("step_momentum", torch.ops.stepflow.step_momentum_decode_, x,
+                                              seg_ids.long(), seg_kinds.long(), momentum, step_sum, counters, beta,
+                                              gamma)
 
     if torch.is_grad_enabled() and h.requires_grad:
         return _DecodeNotDifferentiable.apply(h, call)  # a forward works; a backward raises
@@ -536,7 +502,7 @@ class _DecodeNotDifferentiable(torch.autograd.Function):
 
 @torch.library.register_fake("stepflow::step_momentum_decode_")
 def _(h, seg_ids, seg_kinds, momentum, step_sum, counters, beta, gamma):
-    return torch.empty_like(h)
+    return h.new_empty(h.shape)  # contiguous, as the kernels return it
 
 
 # --------------------------------------------------------------------------- smi_value
@@ -566,11 +532,13 @@ def smi_value(attn_out, value, windows, alpha, max_width):
     if isinstance(max_width, bool) or not isinstance(max_width, int) or max_width < 1:
         raise ValueError(f"max_width must be a positive int, got {max_width!r}")
     on = windows[..., 0] >= 0
-    if windows.device.type == "cpu" and bool(on.any()):
-        span = (windows[..., 1] - windows[..., 0])[on]
-        if int(span.min()) < 1 or int(span.max()) > max_width or int(windows[..., 1].max()) > value.shape[2]:
-            raise ValueError(f"windows must be (-1, -1) or 1 to {max_width} keys [start, end) inside the "
-                             f"{value.shape[2]} keys of value")
+    # The windows' values, checked without reading them on the host: torch._assert_async raises at
+    # once on the CPU and is a device-side assert on CUDA (no sync; capturable in a CUDA graph).
+    span = windows[..., 1] - windows[..., 0]
+    ok = ~on | ((span >= 1) & (span <= max_width) & (windows[..., 1] <= value.shape[2]))
+    message = (f"smi_value: windows must be (-1, -1) or 1 to {max_width} keys [start, end) inside the "
+               f"{value.shape[2]} keys of value")
+    _kernel_errors_as_value_errors("smi_value", torch._assert_async, ok.all(), message)
     if tq > 16:
         # Prefill: only a few rows (one per step) get a window; gather those alone.
         rows, cols = on.nonzero(as_tuple=True)

@@ -53,6 +53,37 @@ def test_forced_pass_on_gpu_equals_cpu(dtype, cfg):
     assert (expected[valid] - stock[valid]).abs().max() > 1e-3, "the intervention changed nothing"
 
 
+# head_dim 128 (hidden 512 / 4 heads: the kernels' 128-wide tensor-core tiles, BN = 32) and fp16 models.
+SHAPE128 = dict(hidden=512, heads=4, kv_heads=2)
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, SHAPE128), (torch.float16, SHAPE128),
+                                         (torch.float16, SHAPE)], ids=["bf16-d128", "fp16-d128", "fp16-d64"])
+def test_forced_pass_d128_and_fp16_on_gpu_equals_cpu(dtype, shape):
+    tok = make_tokenizer()
+    cpu = make_model("qwen2", sharpen=SHARP, **shape)
+    gpu = copy.deepcopy(cpu).to("cuda", dtype)
+    ids, mask, seg = batch(tok)
+    expected = _forced_logits(cpu, ids, mask, seg, CFG)
+    got = _forced_logits(gpu, ids.cuda(), mask.cuda(), seg.to("cuda"), CFG)
+    valid = mask.bool()
+    tol = dict(atol=0.15, rtol=0.05) if dtype == torch.bfloat16 else dict(atol=0.05, rtol=0.03)
+    torch.testing.assert_close(got[valid], expected[valid], **tol)
+    assert bool(torch.isfinite(got).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_decode_equals_prefill_on_gpu_d128(dtype):
+    """Token-by-token decoding of a d = 128 fp16 model (split-KV decode, tensor cores) equals one
+    teacher-forced pass."""
+    tok = make_tokenizer()
+    cpu = make_model("qwen2", sharpen=SHARP, **SHAPE128)
+    model = copy.deepcopy(cpu).to("cuda", dtype)
+    decoded, prefilled, _, _, _, counts = decode_and_prefill(model, tok, CFG, device="cuda")
+    assert sum(counts["oeb"].values()) > 0
+    torch.testing.assert_close(decoded.float(), prefilled.float(), atol=0.05, rtol=0.03)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_equals_prefill_on_gpu(dtype):
     tok = make_tokenizer()

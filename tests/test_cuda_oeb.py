@@ -493,28 +493,24 @@ def _good():
 
 
 # Changes are built lazily: collecting this file must not touch CUDA on a machine without a GPU.
+# Only what the host checks without reading device memory: bad index values (bounds, kv_start) and
+# non-finite sink logits are device-side asserts, tested in a subprocess (test_cuda_device_asserts.py).
 @pytest.mark.parametrize("change,match", [
     (lambda: dict(rule="lift"), "rule"),
     (lambda: dict(strength=2.0), "strength"),
     (lambda: dict(tau_max=0.0), "tau_max"),
     (lambda: dict(eps=0.0), "eps"),
-    (lambda: dict(bounds=torch.tensor([[[0, 0]] * 3 + [[3, 2]] * 3, [[-1, -1]] * 6], device=DEV)), "bounds"),
-    (lambda: dict(bounds=torch.tensor([[[0, 7]] * 6, [[-1, -1]] * 6], device=DEV)), "bounds"),
-    (lambda: dict(bounds=torch.tensor([[[-1, 2]] * 6, [[-1, -1]] * 6], device=DEV)), "bounds"),
     (lambda: dict(bounds=torch.full((2, 6, 2), -1, dtype=torch.int32, device=DEV)), "bounds"),
-    (lambda: dict(kv_start=torch.tensor([-1, 0], device=DEV)), "kv_start"),
-    (lambda: dict(kv_start=torch.tensor([0, 7], device=DEV)), "kv_start"),
     (lambda: dict(kv_start=torch.tensor([0, 0])), "kv_start must be on"),
     (lambda: dict(sink=torch.zeros(3, device=DEV)), "sink"),
-    (lambda: dict(sink=torch.tensor([0.0, float("inf"), 0.0, 0.0], device=DEV)), "sink"),
     (lambda: dict(sink=torch.zeros(4)), "sink must be on"),
     (lambda: dict(window=0), "window"),
     (lambda: dict(q=torch.randn(2, 3, 6, 64, device=DEV)), "heads"),
     (lambda: dict(q=torch.randn(2, 4, 7, 64, device=DEV), bounds=torch.full((2, 7, 2), -1, device=DEV)), "tokens"),
     (lambda: dict(q=torch.randn(2, 4, 6, 300, device=DEV), k=torch.randn(2, 2, 6, 300, device=DEV),
                   v=torch.randn(2, 2, 6, 300, device=DEV)), "head dim"),
-], ids=["rule", "strength", "tau_max", "eps", "a>b", "b>end", "half-off", "bounds_int32", "kv<0", "kv>Tk",
-        "kv_on_cpu", "sink_shape", "sink_inf", "sink_on_cpu", "window0", "heads", "Tq>Tk", "d>256"])
+], ids=["rule", "strength", "tau_max", "eps", "bounds_int32", "kv_on_cpu", "sink_shape", "sink_on_cpu", "window0",
+        "heads", "Tq>Tk", "d>256"])
 def test_bad_input_runtime_error(change, match):
     args = _good()
     args.update(change())

@@ -329,6 +329,22 @@ def test_opcheck_decode(seed):
                           (h[:, 10:], seg_ids[:, 10:], seg_kinds, *state, 0.9, 0.5))
 
 
+def test_opcheck_non_contiguous(seed):
+    """The fakes say what the kernels return: a contiguous h' whatever the strides of h (a
+    transposed h, a strided decode chunk and strided state views)."""
+    seg_ids, seg_kinds, _ = random_seg_ids(3, 21, pad="left")
+    h = torch.randn(3, 6, 21).transpose(1, 2)
+    assert not h.is_contiguous()
+    torch.library.opcheck(torch.ops.stepflow.step_momentum.default, (h, seg_ids, seg_kinds, 0.9, 0.5))
+    assert ops.step_momentum(h, seg_ids, seg_kinds, 0.9, 0.5).is_contiguous()
+    store = torch.zeros(2, 3, 12)
+    counters = torch.tensor([[-1, 0, 0]] * 3).t().contiguous().t()
+    state = (store[0, :, ::2], store[1, :, 1::2], counters)  # non-contiguous views
+    ops.step_momentum_decode_(h[:, :10], seg_ids[:, :10], seg_kinds, state, 0.9, 0.5)
+    torch.library.opcheck(torch.ops.stepflow.step_momentum_decode_.default,
+                          (h[:, 10:], seg_ids[:, 10:], seg_kinds, *state, 0.9, 0.5))
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 

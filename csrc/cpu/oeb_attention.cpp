@@ -531,7 +531,9 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_backward_cpu(
   const auto acc = acc_type(q_in.scalar_type());
   const Tensor q = working(q_in, acc), k = working(k_in, acc), v = working(v_in, acc);
   const Tensor dout = working(grad_out, acc);
-  Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  // Contiguous gradients whatever the strides of the inputs (the fake kernel in ops.py says so too).
+  Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+         dv = at::zeros(v.sizes(), v.options());
   if (q.numel() > 0 && k.numel() > 0) {
     Tensor rows = at::empty({P.B, P.H, P.Tq, kRowFields}, q.options());
     if (acc == at::kDouble) {

@@ -204,6 +204,11 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size())));
   at::Tensor maps = at::zeros({num_workers, B, S, S}, q.options().dtype(at::kDouble));
   std::atomic<size_t> next_task{0};
+  // Each worker sums its tasks into its own map, and the maps are added in worker order. With
+  // dynamic scheduling which worker gets which task varies from run to run (so do the last bits
+  // of the fp64 sums); under torch.use_deterministic_algorithms(True) worker w takes tasks
+  // w, w + W, w + 2W, ... instead (the same result on every run with the same thread count).
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
 
   auto worker = [&](int64_t w) {
     const int64_t strip = kBlockQ * std::max<int64_t>(max_keys, 1);
@@ -214,7 +219,14 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
     std::vector<double> off(kBlockQ), log_norm(kBlockQ);
     double* map_w = maps[w].data_ptr<double>();
 
-    for (size_t ti; (ti = next_task.fetch_add(1)) < tasks.size();) {
+    size_t mine = static_cast<size_t>(w);
+    auto next = [&]() -> size_t {
+      if (!deterministic) return next_task.fetch_add(1);
+      const size_t ti = mine;
+      mine += static_cast<size_t>(num_workers);
+      return ti;
+    };
+    for (size_t ti; (ti = next()) < tasks.size();) {
       const Task& task = tasks[ti];
       const RowLayout& lay = rows[task.b];
       const int64_t b = task.b, i0 = task.i0, nq = task.i1 - task.i0;

@@ -1,6 +1,9 @@
 // Odds-Equal Bridge attention on CUDA (design.md 2.3; backward: docs/method.md section 3).
 //
-// Same semantics and checks as csrc/cpu/oeb_attention.cpp. For one query row (batch b, head h,
+// Same semantics and checks as csrc/cpu/oeb_attention.cpp, except that the index values
+// (kv_start, bounds) and the sink logits are checked on the device (device_checks.cuh: a device-
+// side assert, no device-to-host copy), so a call never synchronizes with the host and can be
+// captured in a CUDA graph. For one query row (batch b, head h,
 // query i at key position p = Tk - Tq + i) oeb::row_groups (csrc/include/oeb_rule.h) turns
 // (kv_start[b], bounds[b, i], window) into three contiguous key groups
 //   group 0 = [lo, a)   never rescaled   (bridge: O, the "other" channel; odds: the sinks)
@@ -49,7 +52,9 @@
 //
 // Decode (few rows against a long KV cache): split-KV. Several CTAs per row block each take a
 // contiguous chunk of its key tiles and write per-slot partial states (m, l, U_0, U_1, U_2); a
-// second kernel merges them (one warp per row) and runs the same epilogue.
+// second kernel merges them (one warp per row, in split order) and runs the same epilogue. The
+// plan is sized from the shapes (the key span of a row with kv_start = 0), not from kv_start's
+// values: a row that starts later has empty splits (l = 0), which the merge skips.
 //
 // Backward: dS_ij = A'_ij (dP_ij - ct_g), A'_ij = exp(s_ij - shift_g), shift_g = lse - log r_g,
 // ct_g from oeb::row_backward. (1) The row kernel in "rows" mode recomputes the slot states and,
@@ -57,9 +62,10 @@
 // and (shift_g, ct_g) per row (6 floats, shift in log2 units). (2) Tensor cores: a kernel per
 // (batch, kv head, block of 64 keys) whose warps own 16 keys each and accumulate dK, dV in
 // registers over the query blocks of all query heads of the kv head that reach the keys (no
-// atomics); dQ goes through fp32 atomics into a (B, H, Tq, d) buffer that is cast at the end.
-// Scalar path: the same dK / dV kernel shape with 16 keys per CTA, and dQ from a separate row
-// kernel (no atomics). The gradient of the sink logit is computed in Python (stepflow_ext/ops.py)
+// atomics); dQ goes through fp32 atomics into a (B, H, Tq, d) buffer that is cast at the end (so
+// the last bits of dq vary from run to run). Scalar path: the same dK / dV kernel shape with 16
+// keys per CTA, and dQ from a separate row kernel (no atomics): the backward takes it under
+// torch.use_deterministic_algorithms(True). The gradient of the sink logit is computed in Python (stepflow_ext/ops.py)
 // from out and stats.
 //
 // Nothing is T x T: shared memory holds tiles, global scratch is O(rows x d).
@@ -86,6 +92,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "device_checks.cuh"
 #include "oeb_rule.h"
 
 namespace stepflow {
@@ -1488,39 +1495,23 @@ Problem check_problem(const Tensor& q, const Tensor& k, const Tensor& v, const T
 // key, which keeps the index arithmetic in int).
 int kernel_window(const Problem& P) { return (P.window <= 0 || P.window >= P.Tk) ? -1 : static_cast<int>(P.window); }
 
-// Validates the index values as the wrapper in ops.py does (one device-to-host copy, so one sync)
-// and returns the largest number of keys a block of rows can need, (end of the last query) -
-// (lo of the first query) over the batch, which sizes the split-KV plan.
-int64_t check_indices(const Problem& P, const Tensor& kv, const Tensor& bounds) {
-  if (P.B == 0) return 0;
-  const Tensor host = at::cat({kv.reshape({-1}), bounds.reshape({-1})}).to(at::kCPU);
-  const int64_t* kvp = host.data_ptr<int64_t>();
-  const int64_t* bd = kvp + P.B;
+// The largest number of keys a block of rows can need, (end of the last query) - (lo of the
+// first query), which sizes the split-KV plan. From the shapes alone (no device-to-host copy):
+// the bound of a row whose kv_start is 0; a row that starts later just has empty splits (the
+// merge kernel skips them), as rows of one batch with different kv_start always had.
+int64_t span_bound(const Problem& P) {
+  if (P.B == 0 || P.Tq == 0) return 0;
   const int window = kernel_window(P);
-  int64_t span = 0;
-  for (int64_t b = 0; b < P.B; ++b) {
-    TORCH_CHECK(kvp[b] >= 0 && kvp[b] <= P.Tk, "oeb_attention: kv_start[", b, "] = ", kvp[b], " is outside [0, ",
-                P.Tk, "]");
-    for (int64_t i = 0; i < P.Tq; ++i) {
-      const int64_t a = bd[2 * (b * P.Tq + i)], c = bd[2 * (b * P.Tq + i) + 1], end = P.Tk - P.Tq + i + 1;
-      TORCH_CHECK((a == -1 && c == -1) || (a >= 0 && a <= c && c <= end), "oeb_attention: bounds[", b, ", ", i,
-                  "] = (", a, ", ", c, ") must be (-1, -1) or satisfy 0 <= a <= b <= ", end,
-                  " (the query's position + 1)");
-    }
-    if (P.Tq > 0) {
-      const int64_t lo = oeb::row_groups(kvp[b], -1, -1, P.Tk - P.Tq, window).lo[0];
-      const int64_t end = oeb::row_groups(kvp[b], -1, -1, P.Tk - 1, window).hi[0];
-      span = std::max(span, end - lo);
-    }
-  }
-  return span;
+  const int64_t lo = oeb::row_groups(0, -1, -1, P.Tk - P.Tq, window).lo[0];
+  const int64_t end = oeb::row_groups(0, -1, -1, P.Tk - 1, window).hi[0];
+  return end - lo;
 }
 
 void check_device_and_sizes(const Problem& P, const Tensor& q) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.device().index());
   TORCH_CHECK(prop->major >= 8, "oeb_attention (CUDA kernel): needs compute capability 8.0 or newer, device ",
               q.device(), " has ", prop->major, ".", prop->minor);
-  TORCH_CHECK(P.d <= 256, "oeb_attention (CUDA kernel): head dim up to 256 is supported, got ", P.d);
+  TORCH_CHECK(P.d <= kHeadDimMax, "oeb_attention (CUDA kernel): head dim up to ", kHeadDimMax, " is supported, got ", P.d);
   const int64_t lim = std::numeric_limits<int>::max() / 2;
   TORCH_CHECK(P.Tk < lim && P.G * P.Tq < lim && P.B * P.H < lim,
               "oeb_attention (CUDA kernel): sizes too large for 32-bit row indices");
@@ -1666,16 +1657,19 @@ std::optional<Tensor> sink_on(const std::optional<Tensor>& sink, const at::Devic
   return sink->to(dev);
 }
 
-// The sink logits as float64 on the device (undefined without a sink), finite as the CPU kernel
-// requires (one small device-to-host copy).
-Tensor sink_values(const char* op, const std::optional<Tensor>& sink) {
+// The sink logits as float64 on the device (undefined without a sink). Their finiteness is
+// checked on the device with the indices (device_checks.cuh).
+Tensor sink_values(const std::optional<Tensor>& sink) {
   if (!sink.has_value()) return Tensor();
-  const Tensor s = sink->to(at::kDouble).contiguous();
-  const Tensor host = s.cpu();
-  const double* x = host.data_ptr<double>();
-  for (int64_t h = 0; h < host.numel(); ++h)
-    TORCH_CHECK(std::isfinite(x[h]), op, ": sink[", h, "] = ", x[h], " is not finite");
-  return s;
+  return sink->to(at::kDouble).contiguous();
+}
+
+// The index values (kv_start, bounds) and the sink logits, checked on the device: no sync.
+void check_values_on_device(const Problem& P, const Tensor& kv, const Tensor& bounds, const Tensor& sink_d,
+                            bool backward, cudaStream_t stream) {
+  device_checks::check_oeb_inputs(kv.data_ptr<int64_t>(), bounds.data_ptr<int64_t>(),
+                                  sink_d.defined() ? sink_d.data_ptr<double>() : nullptr, P.B, P.Tq, P.Tk, P.H,
+                                  backward, stream);
 }
 
 // float64 has no CUDA kernel: it runs the CPU kernel on host copies (exact CPU semantics; the
@@ -1689,6 +1683,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_on_cpu(const Tensor& q, const Tensor&
                        .typed<std::tuple<Tensor, Tensor, Tensor>(
                            const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view,
                            double, double, double, const std::optional<Tensor>&, int64_t, double)>();
+  // sync-ok: float64 runs the CPU kernel on host copies (a synchronizing path, docs/method_kernels.md)
   const auto r = op.call(q.cpu(), k.cpu(), v.cpu(), kv.cpu(), bounds.cpu(), rule, strength, tau_max, eps,
                          sink_on(sink, at::kCPU), window, scale);
   const auto dev = q.device();
@@ -1706,6 +1701,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_on_cpu(const Tensor& grad_out, const
                            const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                            const Tensor&, const Tensor&, c10::string_view, double, double, double,
                            const std::optional<Tensor>&, int64_t, double)>();
+  // sync-ok: float64 runs the CPU kernel on host copies
   const auto r = op.call(grad_out.cpu(), q.cpu(), k.cpu(), v.cpu(), lse.cpu(), stats.cpu(), kv.cpu(), bounds.cpu(),
                          rule, strength, tau_max, eps, sink_on(sink, at::kCPU), window, scale);
   const auto dev = q.device();
@@ -1721,12 +1717,15 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_cuda(const Tensor& q_in, const 
                                   sink, window, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor kv = kv_start.contiguous(), bounds = bounds_in.contiguous();
-  const int64_t max_span = check_indices(P, kv, bounds);
+  // float64: the CPU kernel on host copies (it checks the values on the host; a synchronizing path).
   if (q_in.scalar_type() == at::kDouble)
     return forward_on_cpu(q_in, k_in, v_in, kv, bounds, rule, strength, tau_max, eps, sink, window, scale);
   check_device_and_sizes(P, q_in);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Tensor sink_d = sink_values(sink);
+  check_values_on_device(P, kv, bounds, sink_d, /*backward=*/false, stream);
+  const int64_t max_span = span_bound(P);
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const Tensor sink_d = sink_values("oeb_attention", sink);
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({P.B, P.H, P.Tq}, q.options().dtype(at::kFloat));
   Tensor stats = at::empty({P.B, P.H, P.Tq, kStatFields}, q.options().dtype(at::kFloat));
@@ -1736,7 +1735,6 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_cuda(const Tensor& q_in, const 
   p.out = out.data_ptr(), p.lse = lse.data_ptr<float>(), p.stats = stats.data_ptr<float>();
   const int num_sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
   const RowPlan pl = plan_rows(P, q.scalar_type(), p.vec != 0, max_span, /*allow_split=*/true, num_sms);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Tensor part;
   if (pl.splits > 1) {
     part = at::empty({pl.splits * P.B * P.Hkv * P.G * P.Tq * part_fields(static_cast<int>(P.d))},
@@ -1787,17 +1785,21 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_backward_cuda(const Tensor& gra
               kStatFields, ") on q's device, got ", stats.scalar_type(), " ", stats.sizes(), " on ", stats.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor kv = kv_start.contiguous(), bounds = bounds_in.contiguous();
-  const int64_t max_span = check_indices(P, kv, bounds);
   if (q_in.scalar_type() == at::kDouble)
     return backward_on_cpu(grad_out, q_in, k_in, v_in, lse, stats, kv, bounds, rule, strength, tau_max, eps, sink,
                            window, scale);
   check_device_and_sizes(P, q_in);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Tensor sink_d = sink_values(sink);
+  check_values_on_device(P, kv, bounds, sink_d, /*backward=*/true, stream);
+  const int64_t max_span = span_bound(P);
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), dout = grad_out.contiguous();
-  const Tensor sink_d = sink_values("oeb_attention_backward", sink);
   Tensor dk = at::zeros(k.sizes(), k.options()), dv = at::zeros(v.sizes(), v.options());
   if (P.B * P.H * P.Tq == 0) return {at::zeros(q.sizes(), q.options()), dk, dv};
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // torch.use_deterministic_algorithms(True): the scalar path, whose dQ kernel owns its rows (the
+  // tensor-core path adds dQ with fp32 atomics, in an order that varies from run to run).
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const int num_sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
   Tensor rows = at::empty({P.B, P.H, P.Tq, kRowFields}, q.options().dtype(at::kFloat));
   FwdParams fp = make_fwd_params(P, q, k, v, kv, bounds, sink_d);
@@ -1805,7 +1807,8 @@ std::tuple<Tensor, Tensor, Tensor> oeb_attention_backward_cuda(const Tensor& gra
   fp.vec = fp.vec && aligned16(dout);
   fp.rows = rows.data_ptr<float>();
   fp.mode = kModeRows;
-  const RowPlan pl = plan_rows(P, q.scalar_type(), fp.vec != 0, max_span, /*allow_split=*/false, num_sms);
+  const RowPlan pl = plan_rows(P, q.scalar_type(), fp.vec != 0 && !deterministic, max_span, /*allow_split=*/false,
+                               num_sms);
 
   Tensor dq, dq_acc;
   if (pl.mma) dq_acc = at::zeros({P.B, P.H, P.Tq, P.d}, q.options().dtype(at::kFloat));

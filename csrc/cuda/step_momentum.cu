@@ -33,20 +33,19 @@
 // A chunk of at most kFusedMaxT tokens (decode) runs all of that in one fused kernel, one CTA
 // per row, with the same device functions (same numbers). The decode op writes the new state
 // with a second small kernel that does nothing when the error flag is set, so a rejected chunk
-// leaves the state untouched; the flag is read back once per call (one small device-to-host
-// copy). On error the CPU kernel is run on CPU copies of the integer inputs (D sliced to 0) to
-// raise exactly its message.
+// leaves the state untouched; a last one-thread kernel turns a set flag into a device-side
+// assert (csrc/cuda/device_checks.cuh): no device-to-host copy per call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <climits>
 #include <cmath>
 
 #include "checks.h"
+#include "device_checks.cuh"
 
 namespace stepflow {
 namespace {
@@ -465,32 +464,6 @@ void check_inputs(const char* op, const at::Tensor& h, const at::Tensor& seg_ids
               " tokens and segments per call, got T = ", h.size(1), ", S = ", seg_kinds.size(1));
 }
 
-// The device found bad data: run the CPU kernel on CPU copies of the same integer inputs (h
-// and the state sliced to D = 0, the state copied so nothing of the caller's changes) to raise
-// exactly its error; if it does not raise, a generic error.
-[[noreturn]] void raise_data_error(const char* op, const at::Tensor& h, const at::Tensor& seg_ids,
-                                   const at::Tensor& seg_kinds, double beta, double gamma, const at::Tensor* momentum,
-                                   const at::Tensor* step_sum, const at::Tensor* counters) {
-  const auto cpu = c10::DispatchKeySet(c10::DispatchKey::CPU);
-  const at::Tensor hc = h.narrow(2, 0, 0).cpu(), sc = seg_ids.cpu(), kc = seg_kinds.cpu();
-  if (momentum == nullptr) {
-    static const auto prefill = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("stepflow::step_momentum", "")
-                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                      double, double)>();
-    prefill.redispatch(cpu, hc, sc, kc, beta, gamma);
-  } else {
-    static const auto decode = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("stepflow::step_momentum_decode_", "")
-                                   .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                     at::Tensor&, at::Tensor&, at::Tensor&, double, double)>();
-    at::Tensor m = momentum->narrow(1, 0, 0).cpu(), s = step_sum->narrow(1, 0, 0).cpu();
-    at::Tensor c = counters->to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
-    decode.redispatch(cpu, hc, sc, kc, m, s, c, beta, gamma);
-  }
-  TORCH_CHECK(false, op, ": invalid seg_ids, seg_kinds or state counters (found by the CUDA kernel's checks)");
-}
-
 // One chunk for all rows; state tensors (contiguous, fp32 / int64) are null for the prefill op.
 template <typename scalar_t>
 void run_chunk(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor& seg_kinds, double beta,
@@ -562,7 +535,7 @@ void run_chunk(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor&
   }
 }
 
-at::Tensor run(const char* op, const at::Tensor& h_in, const at::Tensor& seg_in, const at::Tensor& kinds_in,
+at::Tensor run(const at::Tensor& h_in, const at::Tensor& seg_in, const at::Tensor& kinds_in,
                double beta, double gamma, at::Tensor* momentum, at::Tensor* step_sum, at::Tensor* counters) {
   const at::cuda::CUDAGuard guard(h_in.device());
   const at::Tensor h = h_in.contiguous(), seg_ids = seg_in.contiguous(), seg_kinds = kinds_in.contiguous();
@@ -577,7 +550,9 @@ at::Tensor run(const char* op, const at::Tensor& h_in, const at::Tensor& seg_in,
     run_chunk<scalar_t>(h, seg_ids, seg_kinds, beta, gamma, out, momentum ? &m : nullptr,
                         momentum ? &s : nullptr, momentum ? &c : nullptr, err);
   });
-  if (err.item<int>() != 0) raise_data_error(op, h, seg_ids, seg_kinds, beta, gamma, momentum, step_sum, counters);
+  // Bad data is a device-side assert (after the commit kernel left the state as it was): no
+  // device-to-host copy per call (device_checks.cuh).
+  device_checks::check_momentum_flag(err.data_ptr<int>(), momentum != nullptr, at::cuda::getCurrentCUDAStream());
   if (momentum != nullptr) {
     if (!m.is_same(*momentum)) momentum->copy_(m);
     if (!s.is_same(*step_sum)) step_sum->copy_(s);
@@ -589,7 +564,7 @@ at::Tensor run(const char* op, const at::Tensor& h_in, const at::Tensor& seg_in,
 at::Tensor step_momentum_cuda(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor& seg_kinds,
                               double beta, double gamma) {
   check_inputs("step_momentum", h, seg_ids, seg_kinds, beta, gamma);
-  return run("step_momentum", h, seg_ids, seg_kinds, beta, gamma, nullptr, nullptr, nullptr);
+  return run(h, seg_ids, seg_kinds, beta, gamma, nullptr, nullptr, nullptr);
 }
 
 at::Tensor step_momentum_decode_cuda(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor& seg_kinds,
@@ -597,7 +572,7 @@ at::Tensor step_momentum_decode_cuda(const at::Tensor& h, const at::Tensor& seg_
                                      double gamma) {
   check_inputs("step_momentum_decode_", h, seg_ids, seg_kinds, beta, gamma);
   check_momentum_state(h, momentum, step_sum, counters);
-  return run("step_momentum_decode_", h, seg_ids, seg_kinds, beta, gamma, &momentum, &step_sum, &counters);
+  return run(h, seg_ids, seg_kinds, beta, gamma, &momentum, &step_sum, &counters);
 }
 
 }  // namespace

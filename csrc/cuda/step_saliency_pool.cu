@@ -36,7 +36,12 @@
 //    (usually one or two); each lane merges its columns by run, a warp whose lanes all hold the
 //    same (row run, column run) pair reduces with shuffles, and the (row run x column run) bins
 //    of the tile are summed in shared memory (fp32, fp64 for fp64) before one fp64 atomicAdd per
-//    non-zero bin into the (B, S, S) fp64 map, converted to fp32 at the end.
+//    non-zero bin into the (B, S, S) fp64 map, converted to fp32 at the end. The order of those
+//    atomics varies from run to run (so may the last bits); under
+//    torch.use_deterministic_algorithms(True) the op runs the CPU kernel on host copies instead.
+//
+// Checks: seg id values, oeb_bounds, padding only at a row's ends (with OEB) and finite sinks are
+// checked on the device (device_checks.cuh: a device-side assert, no device-to-host copy).
 //
 // Key tiles start at the block's first key: the row's first valid token, or with a sliding
 // window w the window start of the block's first query (i0 - w + 1); elements are masked per row.
@@ -45,6 +50,7 @@
 // for fp64), zero-padded, and larger d runs in chunks of DC (accumulating S and G in the
 // fragments). d = 64 and d = 128 run in one chunk with compile-time trip counts.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -61,6 +67,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "device_checks.cuh"
 #include "oeb_rule.h"
 
 namespace stepflow {
@@ -759,14 +766,6 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
   TORCH_CHECK(B <= 65535 && H <= 65535, "step_saliency_pool (CUDA): at most 65535 batch rows and heads, got B = ",
               B, ", H = ", H);
   const at::cuda::CUDAGuard guard(device);
-  if (seg_ids.numel() > 0) {  // one device-to-host copy
-    const auto [mn, mx] = at::aminmax(seg_ids);
-    const at::Tensor range = at::stack({mn.to(at::kLong), mx.to(at::kLong)}).cpu();
-    const int64_t lo = range[0].item<int64_t>(), hi = range[1].item<int64_t>();
-    TORCH_CHECK(lo >= -1, "step_saliency_pool: seg_ids must be >= -1 (-1 marks padding), found ", lo);
-    TORCH_CHECK(hi < num_segments, "step_saliency_pool: seg_ids has segment id ", hi, " but num_segments is ",
-                num_segments);
-  }
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse_c;
   if (lse.has_value()) {
@@ -787,52 +786,53 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
     TORCH_CHECK(x.dim() == 3 && x.size(0) == B && x.size(1) == Tn && x.size(2) == 2,
                 "step_saliency_pool: oeb_bounds must have shape (", B, ", ", Tn, ", 2), got ", x.sizes());
     ob = x.contiguous();
-    if (ob.numel() > 0) {  // as the CPU kernel: (-1, -1) or 0 <= a <= b <= i + 1
-      const at::Tensor a = ob.select(2, 0), c = ob.select(2, 1);
-      const at::Tensor end = at::arange(1, Tn + 1, ob.options()).unsqueeze(0);
-      const at::Tensor ok = (a.eq(-1) & c.eq(-1)) | (a.ge(0) & a.le(c) & c.le(end));
-      if (!ok.all().item<bool>()) {
-        const at::Tensor where = ok.logical_not().nonzero()[0].cpu();
-        const int64_t row = where[0].item<int64_t>(), col = where[1].item<int64_t>();
-        const at::Tensor bad = ob[row][col].cpu();
-        TORCH_CHECK(false, "step_saliency_pool: oeb_bounds[", row, ", ", col, "] = (", bad[0].item<int64_t>(), ", ",
-                    bad[1].item<int64_t>(), ") must be (-1, -1) or satisfy 0 <= a <= b <= ", col + 1);
-      }
-      // OEB counts keys by position (as oeb_attention, from the row's first valid token): padding
-      // may only sit at the ends of a row, as the CPU kernel requires.
-      const at::Tensor valid = seg_ids.ge(0);
-      const at::Tensor pos = at::arange(Tn, seg_ids.options().dtype(at::kLong)).unsqueeze(0);
-      const at::Tensor first = at::where(valid, pos, Tn).amin(1), last = at::where(valid, pos, -1).amax(1);
-      const at::Tensor count = valid.sum(1);
-      const at::Tensor inside = count.gt(0) & count.ne(last - first + 1);
-      if (inside.any().item<bool>()) {
-        const int64_t row = inside.nonzero()[0][0].item<int64_t>();
-        TORCH_CHECK(false, "step_saliency_pool: with oeb_bounds, padding (seg id -1) must be at the ends of a row, "
-                    "but batch row ", row, " has padding inside it");
-      }
-    }
+  }
+  // torch.use_deterministic_algorithms(True): the CPU kernel on host copies (in that mode it
+  // hands its tasks to its workers in a fixed order). This kernel sums the bins with atomics
+  // (fp32 in shared memory, fp64 into the map), in an order that varies from run to run.
+  if (at::globalContext().deterministicAlgorithms()) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("stepflow::step_saliency_pool", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const at::Tensor&, int64_t, double,
+                                                 c10::string_view, const std::optional<at::Tensor>&,
+                                                 const std::optional<at::Tensor>&, int64_t,
+                                                 const std::optional<at::Tensor>&, c10::string_view, double, double,
+                                                 double)>();
+    auto host = [](const std::optional<at::Tensor>& x) -> std::optional<at::Tensor> {
+      if (!x.has_value()) return std::nullopt;
+      return x->cpu();  // sync-ok: the deterministic mode runs the CPU kernel
+    };
+    // sync-ok: the deterministic mode runs the CPU kernel on host copies
+    return op.call(q_in.cpu(), k_in.cpu(), v_in.cpu(), o_in.cpu(), seg_ids.cpu(), num_segments, scale,
+                   head_reduction, host(lse), host(sink), window, host(oeb_bounds), oeb_rule, oeb_strength,
+                   oeb_tau_max, oeb_eps)
+        .to(device);
   }
 
   at::Tensor M = at::zeros({B, num_segments, num_segments}, q_in.options().dtype(at::kDouble));
-  if (B == 0 || H == 0 || Tn == 0) return M.to(at::kFloat);
   auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor seg32 = seg_ids.to(at::kInt).contiguous();
   at::Tensor bounds = at::empty({B, 2}, seg32.options());
-  bounds_kernel<<<B, kThreads, 0, stream>>>(seg32.data_ptr<int32_t>(), Tn, bounds.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (B > 0) {
+    bounds_kernel<<<B, kThreads, 0, stream>>>(seg32.data_ptr<int32_t>(), Tn, bounds.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The values (seg id range, OEB bounds, padding only at the ends of a row with OEB, finite
+  // sink logits), checked on the device: no device-to-host copy (device_checks.cuh).
+  const at::Tensor seg64 = seg_ids.to(at::kLong).contiguous();
+  const at::Tensor sink_d = sink.has_value() ? sink->to(at::kDouble).contiguous() : at::Tensor();
+  device_checks::check_saliency_inputs(seg64.data_ptr<int64_t>(), bounds.data_ptr<int32_t>(),
+                                       ob.defined() ? ob.data_ptr<int64_t>() : nullptr,
+                                       sink_d.defined() ? sink_d.data_ptr<double>() : nullptr, B, Tn, num_segments,
+                                       H, stream);
+  if (B == 0 || H == 0 || Tn == 0) return M.to(at::kFloat);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), o = o_in.contiguous();
   const bool oeb = ob.defined();
   const bool stats = !lse_c.defined() || oeb;
   at::Tensor lse_buf = lse_c.defined() ? lse_c : at::empty({B, H, Tn}, q.options().dtype(acc_dtype));
   at::Tensor shift_buf = oeb ? at::empty({B, H, Tn, 3}, q.options().dtype(acc_dtype)) : at::Tensor();
-  at::Tensor sink_c;
-  if (sink.has_value()) {  // finite, as the CPU kernel checks (one small device-to-host copy)
-    const at::Tensor host = sink->to(at::kDouble).cpu();
-    const double* x = host.data_ptr<double>();
-    for (int64_t h = 0; h < H; ++h)
-      TORCH_CHECK(std::isfinite(x[h]), "step_saliency_pool: sink[", h, "] = ", x[h], " is not finite");
-    sink_c = sink->to(acc_dtype).contiguous();
-  }
+  const at::Tensor sink_c = sink.has_value() ? sink->to(acc_dtype).contiguous() : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "step_saliency_pool_cuda", [&] {
     using T = typename DeviceType<scalar_t>::type;

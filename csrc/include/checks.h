@@ -57,6 +57,8 @@ inline void check_sink(const char* op, const c10::optional<at::Tensor>& sink, co
   check_same_device(op, {{"q", &q}, {"sink", &s}});
 }
 
+constexpr int64_t kHeadDimMax = 256;  // oeb_attention's largest head dim (ops.HEAD_DIM_MAX)
+
 struct OebSizes {
   int64_t B, H, Hkv, G, Tq, Tk, d, window;  // window <= 0: full attention
   double scale;
@@ -88,6 +90,8 @@ inline OebSizes check_oeb_arguments(const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(P.Hkv > 0 && P.H % P.Hkv == 0, "oeb_attention: query heads (", P.H,
               ") must be a multiple of kv heads (", P.Hkv, ")");
   TORCH_CHECK(P.Tq <= P.Tk, "oeb_attention: q has ", P.Tq, " tokens but k only ", P.Tk);
+  // The CUDA kernels' limit, on every device, so that the CPU and the GPU accept the same inputs.
+  TORCH_CHECK(P.d <= kHeadDimMax, "oeb_attention: head dim must be at most ", kHeadDimMax, ", got ", P.d);
   TORCH_CHECK(bounds.scalar_type() == at::kLong && bounds.dim() == 3 && bounds.size(0) == P.B &&
                   bounds.size(1) == P.Tq && bounds.size(2) == 2,
               "oeb_attention: bounds must be int64 of shape (", P.B, ", ", P.Tq, ", 2), got ", bounds.scalar_type(),
