@@ -28,13 +28,13 @@ build: venv
 # virtualenv, ~3 min) runs last, after the rest of the suite, and always: the exit status is the worst.
 test: build
 	status=0; $(PY) -m pytest -q tests -m "not packaging" || status=$$?; \
-	$(PY) -m pytest -q tests/test_packaging.py || status=$$?; exit $$status
+	$(PY) -m pytest -q --durations=3 tests/test_packaging.py || status=$$?; exit $$status
 
 test-fast: build
 	$(PY) -m pytest -q tests -m "not packaging and not slow"
 
 test-packaging: venv
-	$(PY) -m pytest -q tests/test_packaging.py
+	$(PY) -m pytest -q --durations=3 tests/test_packaging.py
 
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-columns=min,mean,median --benchmark-sort=name
