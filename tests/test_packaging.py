@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -30,10 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.packaging, pytest.mark.slow]
 
 
-def _run(cmd, *, cwd, env=None, timeout=1800):
+def _run(cmd, *, cwd, env=None, timeout=600):
+    """subprocess.run in its own process group, all of which (ninja, the compilers) ends on a timeout."""
     start = time.time()
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    with subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+            raise
+    proc = subprocess.CompletedProcess(child.args, child.returncode, out, err)
     took = time.time() - start
     print(f"[{took:6.1f} s] rc={proc.returncode} {' '.join(str(c) for c in cmd)[:160]}")
     return proc, took
@@ -75,7 +84,7 @@ def built(tmp_path_factory):
     wheels = work / "wheels"
     env = _clean_env(STEPFLOW_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     proc, timings["wheel"] = _run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
-                                   "-w", wheels, src], cwd=work, env=env)
+                                   "-w", wheels, src], cwd=work, env=env, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     found = sorted(wheels.glob("stepflow_ext-*.whl"))
     assert len(found) == 1, found
