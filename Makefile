@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.14.1
 export STEPFLOW_CUDA ?= auto
 export MAX_JOBS ?= 2
 
-.PHONY: venv build test test-fast bench demo clean
+.PHONY: venv build test test-fast test-packaging bench demo clean
 
 venv: $(VENV)/.bootstrapped
 
@@ -24,8 +24,17 @@ $(VENV)/.bootstrapped: pyproject.toml
 build: venv
 	$(PY) setup.py -q build_ext --inplace
 
+# The packaging test (tests/test_packaging.py: a wheel from a clean checkout, installed into a fresh
+# virtualenv, ~3 min) runs last, after the rest of the suite, and always: the exit status is the worst.
 test: build
-	$(PY) -m pytest -q tests
+	status=0; $(PY) -m pytest -q tests -m "not packaging" || status=$$?; \
+	$(PY) -m pytest -q --durations=3 tests/test_packaging.py || status=$$?; exit $$status
+
+test-fast: build
+	$(PY) -m pytest -q tests -m "not packaging and not slow"
+
+test-packaging: venv
+	$(PY) -m pytest -q --durations=3 tests/test_packaging.py
 
 bench: build
 	$(PY) -m pytest -q benchmarks --benchmark-columns=min,mean,median --benchmark-sort=name

@@ -45,4 +45,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("__version__") = STEPFLOW_VERSION;
   m.attr("cuda_compiled") = stepflow::cuda_compiled();
   m.attr("cuda_archs") = std::string(STEPFLOW_CUDA_ARCHS);
+  // The torch this module was compiled against (setup.py / CMake pass torch.__version__);
+  // stepflow_ext/__init__.py refuses to import under another one. The marker string carries the
+  // same fact for when the module cannot even load (undefined symbols of another torch): the
+  // package then reads it from the binary's bytes.
+#ifndef STEPFLOW_TORCH_VERSION
+#define STEPFLOW_TORCH_VERSION ""
+#endif
+  m.attr("torch_version") = STEPFLOW_TORCH_VERSION;
+  m.attr("build_marker") = "stepflow-build-torch=" STEPFLOW_TORCH_VERSION;  // a const char*: whole in .rodata
 }
