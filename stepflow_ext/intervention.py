@@ -55,8 +55,10 @@ def _cache_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
-def padding_of(attention_mask, batch, length):
-    """(kv_start (B,), left_padded: bool) from a 2D HF attention mask; ValueError on holes."""
+def padding_of(attention_mask, batch, length, allow_empty=False):
+    """(kv_start (B,), left_padded: bool) from a 2D HF attention mask; ValueError on holes. With
+    allow_empty, rows without any real token (the first chunks of a prompt prefilled in chunks) get
+    kv_start = length."""
     if attention_mask is None:
         return torch.zeros(batch, dtype=torch.long), False
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
@@ -66,9 +68,10 @@ def padding_of(attention_mask, batch, length):
     mask = attention_mask.to("cpu", torch.bool)
     # A valid mask is 0..0 1..1 0..0 per row: one contiguous run of real tokens.
     changes = (mask[:, 1:] != mask[:, :-1]).sum(dim=1) + mask[:, 0].logical_not().long()
-    if bool((changes > 2).any()) or bool((mask.sum(1) == 0).any()):
+    empty = mask.sum(1) == 0
+    if bool((changes > 2).any()) or (bool(empty.any()) and not allow_empty):
         raise ValueError("attention_mask must mark one contiguous run of tokens per row (left or right padding)")
-    kv_start = mask.long().argmax(dim=1)
+    kv_start = torch.where(empty, length, mask.long().argmax(dim=1))
     return kv_start, bool((kv_start > 0).any())
 
 
@@ -347,9 +350,11 @@ class StepFlowHandle:
         mask = kwargs.get("attention_mask")
         first_of_generate, self._generate_first = self._generate_first, False
         device = (input_ids if input_ids is not None else embeds).device
+        # generate's prompt still going in (prefill_chunk_size): its chunks may hold padding only
+        prefilling = self._generate_prompt is not None and past + length <= self._generate_prompt[0]
         if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            kv_start, left_padded = padding_of(mask, batch, past + length)
-            if mask is not None and past > 0 and not bool(mask[:, past:].all()):
+            kv_start, left_padded = padding_of(mask, batch, past + length, allow_empty=prefilling)
+            if mask is not None and past > 0 and not prefilling and not bool(mask[:, past:].all()):
                 raise ValueError("attention_mask masks some of the new tokens of a cached call: StepFlow tracks every "
                                  "token it is fed (pad on the left, before the prompt)")
         else:
@@ -376,7 +381,7 @@ class StepFlowHandle:
                 return
             update = self._start(input_ids, valid, first_of_generate)
         else:
-            update = self._continue(cache, past, batch, kv_start, input_ids)
+            update = self._continue(cache, past, batch, kv_start, input_ids, valid[:, past:] if prefilling else None)
         self._bind(cache)
         seg_kinds = kinds_tensor(self.tracker.kinds)
         channel = torch.where(update.seg_ids >= 0, seg_kinds.gather(1, update.seg_ids.clamp(min=0)),
@@ -391,12 +396,16 @@ class StepFlowHandle:
 
     def _start(self, input_ids, valid, first_of_generate):
         """A new sequence: the call's tokens are the prompt, except in generate's first call, whose
-        tokens after generate's input (assisted decoding's first candidates) are generated ones."""
+        tokens after generate's input (assisted decoding's first candidates) are generated ones, and
+        whose prompt may go on in the next calls (a prefill in chunks, prefill_chunk_size)."""
         self._smi_state, self._smi_undo = {}, {}
-        prompt = self._generate_prompt if first_of_generate else None
+        prompt, prompt_mask = (self._generate_prompt if first_of_generate else None) or (None, None)
         ids = input_ids.cpu()
-        if prompt is None or prompt >= ids.shape[1]:
+        if prompt is None or prompt == ids.shape[1]:
             update = self.tracker.start(ids, valid)
+        elif prompt > ids.shape[1]:
+            counts = [prompt] * ids.shape[0] if prompt_mask is None else prompt_mask.sum(dim=1).tolist()
+            update = self.tracker.start(ids, valid, prompt_lengths=counts)
         else:
             head = self.tracker.start(ids[:, :prompt], valid[:, :prompt])
             tail = self.tracker.feed(ids[:, prompt:])
@@ -404,8 +413,9 @@ class StepFlowHandle:
                                    tail.closed)
         return update
 
-    def _continue(self, cache, past, batch, kv_start, input_ids):
-        """A cached call: the cache holds `past` tokens of the tracked sequence; roll back if it shrank."""
+    def _continue(self, cache, past, batch, kv_start, input_ids, new_valid=None):
+        """A cached call: the cache holds `past` tokens of the tracked sequence; roll back if it shrank.
+        new_valid: which new columns are real (a chunk of generate's prompt; else all of them)."""
         tracked = self.tracker.length
         bound = self._cache() if self._cache is not None else None
         if tracked == 0:
@@ -422,11 +432,12 @@ class StepFlowHandle:
         if batch != self.tracker.batch_size:
             raise ValueError(f"the call has {batch} rows but StepFlow tracks {self.tracker.batch_size}: the cache's "
                              "batch changed without reorder_cache / batch_select_indices / batch_repeat_interleave")
-        if not torch.equal(kv_start, self.tracker.kv_start()):
-            raise ValueError("the attention mask's left padding differs from the tracked sequence's")
         if past < tracked:      # the cache was cropped (rejected candidates of assisted / prompt-lookup decoding)
             self._rollback(past)
-        return self.tracker.feed(input_ids.cpu())
+        update = self.tracker.feed(input_ids.cpu(), new_valid)
+        if not torch.equal(kv_start, self.tracker.kv_start()):
+            raise ValueError("the attention mask's left padding differs from the tracked sequence's")
+        return update
 
     def _follow(self, input_ids, valid, kv_start, device):
         """A call without cache (use_cache=False): the whole sequence again (StepTracker.follow)."""
@@ -569,7 +580,9 @@ class StepFlowHandle:
             return original(*args, **kwargs)
         args, kwargs = self._check_generate(args, kwargs)
         prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        self._generate_prompt = int(prompt.shape[-1]) if isinstance(prompt, torch.Tensor) else None
+        mask = kwargs.get("attention_mask")
+        mask = mask.to("cpu", torch.bool) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._generate_prompt = (int(prompt.shape[-1]), mask) if isinstance(prompt, torch.Tensor) else None
         self._generate_first = True
         try:
             return original(*args, **kwargs)

@@ -1334,12 +1334,22 @@ class StepTracker:
                                 think_start, steps, summary_steps, model)
         self._rows = None
 
-    def start(self, input_ids, attention_mask=None) -> TrackerUpdate:
+    def start(self, input_ids, attention_mask=None, prompt_lengths=None) -> TrackerUpdate:
         """Start new sequences: the (non-padding) tokens of input_ids are the prompts; places them
-        and returns their TrackerUpdate (B, P). The batch size is that of input_ids."""
+        and returns their TrackerUpdate (B, P). The batch size is that of input_ids.
+        prompt_lengths (one int per row): prompts longer than this call (a prefill in chunks: the
+        tokens fed next are prompt tokens too, up to that many in all)."""
         ids, valid, device = _rows_and_mask(input_ids, attention_mask)
+        counts = [sum(ok) for ok in valid]
+        if prompt_lengths is not None:
+            prompt_lengths = list(prompt_lengths)
+            if len(prompt_lengths) != len(ids) or not all(
+                    isinstance(p, int) and not isinstance(p, bool) and p >= n for p, n in zip(prompt_lengths, counts)):
+                raise ValueError(f"prompt_lengths must hold one int per row ({len(ids)}), each at least the row's "
+                                 f"tokens in this call {counts}, got {prompt_lengths!r}")
+            counts = prompt_lengths
         self.batch_size = len(ids)
-        self._rows = [_Row(self.options, sum(ok)) for ok in valid]
+        self._rows = [_Row(self.options, n) for n in counts]
         self._hist = [_History() for _ in ids]
         self._snaps = [[] for _ in ids]
         self._kv_start = [ok.index(True) if True in ok else len(ok) for ok in valid]
@@ -1372,6 +1382,8 @@ class StepTracker:
         # per field, per row, per token: seg id, seg start, think start, summary start, prev step (2)
         fields = [[[-1] * n for _ in ids] for _ in range(6)]
         for b, (row, ok) in enumerate(zip(ids, valid)):
+            if self._rows[b].count == 0:      # no token yet (a prompt in chunks may start with padding only)
+                self._kv_start[b] = base + ok.index(True) if True in ok else base + n
             if snapshot:
                 snaps = self._snaps[b]
                 snaps.append((base, self._rows[b].save()))

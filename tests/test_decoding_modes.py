@@ -451,3 +451,17 @@ def test_tracker_truncate_select_follow_equal_offline(opts):
         assert torch.equal(got.seg_ids, expected.seg_ids), (ops, n)
         assert (got.kinds, got.closed, got.closing) == (expected.kinds, expected.closed, expected.closing)
         assert tracker.ids.tolist() == [s[:n] for s in seqs]
+
+
+def test_chunked_prefill_equals_one_prefill():
+    """prefill_chunk_size: the prompt reaches the model in several calls; all of it is the prompt
+    (with think_start=None the prompt is the question)."""
+    tok, model = make_tokenizer(), make_model("qwen2", sharpen=SHARP)
+    cfg, plan, opts = config(model, PAPER), plan_for(tok)[:30], dict(think_start=None)
+    ids, mask = prompts(tok, texts=[p.replace(" <think>", "") for p in PROMPTS])
+    whole, _ = generate(model, cfg, tok, ids, mask, plan, opts, do_sample=False, output_logits=True)
+    chunked, _ = generate(model, cfg, tok, ids, mask, plan, opts, do_sample=False, output_logits=True,
+                          prefill_chunk_size=5)
+    assert torch.equal(whole.sequences, chunked.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits, 1), torch.stack(whole.logits, 1), atol=1e-5, rtol=1e-5)
+    assert_logits_are_the_oracles(chunked, model, cfg, tok, mask, opts)
