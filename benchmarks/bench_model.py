@@ -3,7 +3,11 @@
 - step_saliency (kernels) vs the materialized way (eager attention, output_attentions and
   retained gradients) vs a plain SDPA forward + backward of the same loss, at T = 512, 1024,
   2048 (STEPFLOW_BENCH_T overrides, e.g. "512");
-- generate tokens/s with StepFlow (default_for config) vs stock.
+- generate tokens/s with StepFlow (default_for config) vs stock in the same run, per decoding mode
+  (STEPFLOW_BENCH_GEN_MODES, default "greedy"; also beam4, static, prompt_lookup, no_cache):
+  each round runs stock and StepFlow back to back, alternating which goes first, and the row
+  reports both rates and the median per-round ratio (extra_info). STEPFLOW_BENCH_GEN_LAYERS
+  shrinks the model (per-token bookkeeping weighs more on a smaller one).
 
 Each case runs once per round (they take seconds); peak memory is the extra RSS of one call.
 Run: python -m pytest benchmarks/bench_model.py --benchmark-columns=min,mean
@@ -11,6 +15,8 @@ Run: python -m pytest benchmarks/bench_model.py --benchmark-columns=min,mean
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -107,22 +113,61 @@ def test_model_step_saliency(benchmark, model, method, t):
     benchmark.pedantic(fn, args=(model, ids, seg), rounds=ROUNDS, iterations=1)
 
 
-@pytest.mark.parametrize("mode", ["stock", "stepflow"])
-def test_generate_tokens_per_second(benchmark, model, mode):
+GEN_MODES = {   # decoding mode -> (batch, extra generate kwargs)
+    "greedy": (2, {}),
+    "beam4": (1, dict(num_beams=4)),
+    "static": (2, dict(cache_implementation="static")),
+    "prompt_lookup": (1, dict(prompt_lookup_num_tokens=4)),
+    "no_cache": (1, dict(use_cache=False)),
+}
+GEN_DECODING = os.environ.get("STEPFLOW_BENCH_GEN_MODES", "greedy").split(",")
+GEN_LAYERS = int(os.environ.get("STEPFLOW_BENCH_GEN_LAYERS", "24"))
+
+
+@pytest.fixture(scope="module")
+def gen_model(request):
+    return request.getfixturevalue("model") if GEN_LAYERS == 24 else qwen2_05b_like(GEN_LAYERS)
+
+
+@pytest.mark.parametrize("decoding", GEN_DECODING)
+def test_generate_tokens_per_second(benchmark, gen_model, decoding):
+    """generate tokens/s, StepFlow (default_for, online tracking with a real tokenizer) vs stock in the
+    same run: every round times both back to back (the order alternates), on the same prompts."""
     from tests.hf_models import tokenizer  # a real BPE tokenizer for online step tracking
 
-    tok = tokenizer()
+    model, tok = gen_model, tokenizer()
+    batch, extra = GEN_MODES[decoding]
     torch.manual_seed(2)
-    ids = torch.randint(0, len(tok), (2, 64))
+    ids = torch.randint(1, len(tok), (batch, 64))
     new = 32
+    cfg = sf.StepFlowConfig.default_for(model)
+    times = {"stock": [], "stepflow": []}
 
-    def run():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                              min_new_tokens=new, do_sample=False, pad_token_id=0)
+    def run(n):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)
 
-    if mode == "stepflow":
-        with sf.replace_attention(model, sf.StepFlowConfig.default_for(model), tokenizer=tok):
-            benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
-    else:
-        benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["tokens_per_s"] = round(2 * new / benchmark.stats.stats.mean, 2)
+    def timed(mode, n=new):
+        handle = sf.replace_attention(model, cfg, tokenizer=tok) if mode == "stepflow" else None
+        try:
+            start = time.perf_counter()
+            run(n)
+            return time.perf_counter() - start
+        finally:
+            if handle is not None:
+                handle.restore()
+
+    def one_round():
+        order = ("stock", "stepflow") if len(times["stock"]) % 2 == 0 else ("stepflow", "stock")
+        for mode in order:
+            times[mode].append(timed(mode))
+
+    timed("stock", 2), timed("stepflow", 2)      # warm-up
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    tokens = batch * new
+    for mode, spent in times.items():
+        benchmark.extra_info[f"{mode}_tokens_per_s"] = round(tokens / statistics.median(spent), 3)
+    ratios = [a / b for a, b in zip(times["stock"], times["stepflow"])]
+    benchmark.extra_info["stepflow_vs_stock"] = round(statistics.median(ratios), 3)   # > 1: StepFlow faster
+    benchmark.extra_info["per_round_ratios"] = [round(r, 3) for r in ratios]

@@ -8,21 +8,46 @@ that starts with an empty KV cache starts a new sequence whose tokens are the pr
 append tokens. `handle.set_segmentation(seg)` replaces tracking by a given segmentation (teacher
 forcing).
 
+Tracking follows the KV cache in every decoding mode of `generate` (docs/method_decoding.md):
+- a cache that shrank (assisted / prompt-lookup decoding crop rejected candidates, `cache.crop`)
+  rolls the tracker back to the cache's length (`StepTracker.truncate`) and the `residual` rule's
+  decode state with it;
+- `reorder_cache`, `batch_select_indices` and `batch_repeat_interleave` on the cache (beam search)
+  reorder the tracker's rows (`StepTracker.select`) and the residual decode state: the cache is
+  watched from the first call that hands it over;
+- preallocated caches (static, `max_cache_len` keys) and their prepared 4D masks: the OEB and SMI
+  layers read only the cache's valid length, the padding is read off the mask (which must be the
+  causal mask of left-padded rows); a cache that dropped keys (sliding window) is refused there;
+- a call without any cache re-feeds the whole sequence: a row whose ids extend a tracked row
+  continues it (`StepTracker.follow`), any other row starts a new sequence; the first call of a
+  `generate` always starts one, with generate's input as the prompt (assisted decoding's first call
+  also holds candidate tokens, which are generated tokens).
+Modes that cannot be followed raise ValueError naming the mode (self-drafting assistants, an
+explicit torch.compile of the decode step, a second cache).
+
 With control="random-attn" or "random-residual" the OEB layers (resp. the SMI layers) run the
 evaluation control of stepflow_ext.controls instead (docs/method.md, "Controls"); the other
 component runs as configured.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import controls, hf, ops
 from .config import CONTROLS, StepFlowConfig
-from .segment import Segmentation, StepTracker, segment
+from .segment import Segmentation, StepTracker, TrackerUpdate, segment
 
 
-def _cache_length(kwargs) -> int:
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+def _cache_of(kwargs):
+    """The KV cache object a forward call was given (None: no cache)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def _cache_length(cache) -> int:
+    """Tokens held by the cache (its get_seq_length, a tensor for static caches)."""
     if cache is None:
         return 0
     if isinstance(cache, (tuple, list)):
@@ -30,8 +55,10 @@ def _cache_length(kwargs) -> int:
     return int(cache.get_seq_length())
 
 
-def padding_of(attention_mask, batch, length):
-    """(kv_start (B,), left_padded: bool) from a 2D HF attention mask; ValueError on holes."""
+def padding_of(attention_mask, batch, length, allow_empty=False):
+    """(kv_start (B,), left_padded: bool) from a 2D HF attention mask; ValueError on holes. With
+    allow_empty, rows without any real token (the first chunks of a prompt prefilled in chunks) get
+    kv_start = length."""
     if attention_mask is None:
         return torch.zeros(batch, dtype=torch.long), False
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
@@ -41,10 +68,57 @@ def padding_of(attention_mask, batch, length):
     mask = attention_mask.to("cpu", torch.bool)
     # A valid mask is 0..0 1..1 0..0 per row: one contiguous run of real tokens.
     changes = (mask[:, 1:] != mask[:, :-1]).sum(dim=1) + mask[:, 0].logical_not().long()
-    if bool((changes > 2).any()) or bool((mask.sum(1) == 0).any()):
+    empty = mask.sum(1) == 0
+    if bool((changes > 2).any()) or (bool(empty.any()) and not allow_empty):
         raise ValueError("attention_mask must mark one contiguous run of tokens per row (left or right padding)")
-    kv_start = mask.long().argmax(dim=1)
+    kv_start = torch.where(empty, length, mask.long().argmax(dim=1))
     return kv_start, bool((kv_start > 0).any())
+
+
+_MASK_CHUNK = 256  # query rows of a prepared 4D mask checked at a time
+
+
+def padding_of_prepared(attention_mask, batch, past, length):
+    """kv_start (B,) from a mask `generate` prepared for a preallocated (static) cache: a 4D tensor
+    (B, 1 or H, n, Tk), bool (True: attend) or additive float (0: attend), or the dict of such
+    masks per layer type. It must be the causal mask of left-padded rows over the cache's valid
+    length past + n: query i sees keys kv_start <= j <= past + i; anything else (custom masks,
+    packed sequences, a sliding window that cuts keys off) is refused, as the OEB kernel builds
+    the causal mask itself."""
+    if isinstance(attention_mask, dict):
+        masks = {k: v for k, v in attention_mask.items() if v is not None}
+        if not masks:
+            return torch.zeros(batch, dtype=torch.long)
+        attention_mask = masks.get("full_attention", next(iter(masks.values())))
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"StepFlow reads the padding off a 2D attention_mask or a prepared 4D mask tensor, got "
+                         f"{type(attention_mask).__name__} (flex attention's BlockMask is not supported: use the "
+                         "sdpa or eager attention implementation)")
+    if attention_mask.dim() != 4 or attention_mask.shape[0] != batch or attention_mask.shape[2] != length \
+            or attention_mask.shape[3] < past + length:
+        raise ValueError(f"a prepared attention mask of shape {tuple(attention_mask.shape)} does not fit the call "
+                         f"({batch} rows, {length} new tokens after {past} cached): StepFlow needs the causal mask "
+                         "over every cached key (a sliding-window cache that drops keys is not supported)")
+    m = attention_mask[:, 0]
+    allowed = m > torch.finfo(m.dtype).min / 2 if m.dtype.is_floating_point else m.bool()
+    kv_start = allowed[:, -1].to(torch.int8).argmax(dim=1)                       # first key the last query sees
+    if not bool(allowed[:, -1].any(dim=1).all()):
+        raise ValueError("a prepared attention mask hides every key from a row's last token")
+    cols = torch.arange(allowed.shape[-1], device=allowed.device)
+    for lo in range(0, length, _MASK_CHUNK):
+        rows = torch.arange(lo, min(lo + _MASK_CHUNK, length), device=allowed.device)
+        expected = (cols[None, None, :] >= kv_start[:, None, None]) & (cols[None, None, :] <= past + rows[None, :, None])
+        if attention_mask.shape[1] > 1:
+            part = attention_mask[:, :, lo:lo + _MASK_CHUNK]
+            part = part > torch.finfo(part.dtype).min / 2 if part.dtype.is_floating_point else part.bool()
+            same = bool((part == expected[:, None]).all())
+        else:
+            same = bool((allowed[:, lo:lo + _MASK_CHUNK] == expected).all())
+        if not same:
+            raise ValueError("the prepared attention mask is not the causal mask of left-padded rows over the "
+                             "cache: StepFlow supports only that mask (custom 4D masks, packed sequences and "
+                             "sliding windows that cut keys off are not supported)")
+    return kv_start.to("cpu", torch.long)
 
 
 def kinds_tensor(kinds: list[list[str]]) -> torch.Tensor:
@@ -94,15 +168,63 @@ def smi_windows(prev_step, window):
     return torch.where(on[..., None], w, torch.full_like(w, -1))
 
 
+ROLLBACK_TOKENS = 256   # residual rule: a crop may drop at most this many tokens of the last call
+
+
+def _with(generation_config, **changes):
+    """A copy of a GenerationConfig with some fields changed."""
+    import copy
+    new = copy.deepcopy(generation_config)
+    for name, value in changes.items():
+        setattr(new, name, value)
+    return new
+
+
+_WATCHED = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+_LISTENERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # cache -> weakref(StepFlowHandle)
+
+
+def _watch(cache, handle):
+    _LISTENERS[cache] = weakref.ref(handle)
+
+
+def _watch_caches():
+    """Wrap transformers' Cache.reorder_cache / batch_select_indices / batch_repeat_interleave (once) so
+    that the handle tracking a cache hears when its batch rows move (beam search reorders the cache
+    after every step). Caches no handle watches are untouched; the wrapped methods behave as before."""
+    from transformers.cache_utils import Cache
+    if Cache.__dict__.get("_stepflow_watched"):
+        return
+    for name in _WATCHED:
+        original = Cache.__dict__.get(name)
+        if original is None:
+            continue
+
+        def wrapper(self, arg, *rest, _original=original, _name=name, **kw):
+            result = _original(self, arg, *rest, **kw)
+            ref = _LISTENERS.get(self)
+            handle = ref() if ref is not None else None
+            if handle is not None:
+                handle._cache_event(self, _name, arg)
+            return result
+
+        wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = original.__name__, original.__qualname__, \
+            original.__doc__
+        setattr(Cache, name, wrapper)
+    Cache._stepflow_watched = True
+
+
 class _Call:
     """What the OEB layers and SMI need for one forward call (all on the model's device)."""
 
-    def __init__(self, seg_ids, seg_kinds, kv_start, bounds, windows, functional):
+    def __init__(self, seg_ids, seg_kinds, kv_start, bounds, windows, functional, past=0):
         self.seg_ids, self.seg_kinds, self.kv_start = seg_ids, seg_kinds, kv_start
         self.bounds = bounds      # (B, n, 2) oeb_attention bounds of the call's tokens (config's rule)
         self.windows = windows    # (B, n, 2) SMI value windows ((-1, -1): no injection)
         self.functional = functional  # whole sequences at once (teacher forcing): differentiable ops
         self.residual_targets = None  # random-residual (residual rule): the tokens SMI would change
+        self.past = past          # tokens in the KV cache before the call: its tokens sit at past..past+n-1
+        self.valid_length = past + seg_ids.shape[1]   # keys the cache holds after the call
 
 
 class StepFlowHandle:
@@ -116,6 +238,10 @@ class StepFlowHandle:
         self._forced: Segmentation | None = None
         self._call: _Call | None = None
         self._smi_state: dict[int, tuple] = {}
+        self._smi_undo: dict[int, tuple] = {}   # residual rule: what rolling the decode state back needs
+        self._cache = None                       # weakref to the KV cache the tracked sequence lives in
+        self._generate_prompt = None             # inside generate(): the prompt's columns
+        self._generate_first = False             # the next forward call is generate's first
         self._hooks = []
         self._token = None
         self._oeb = set(config.oeb_layers)
@@ -143,10 +269,22 @@ class StepFlowHandle:
         if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.dtype != torch.long \
                 or sequences.shape[0] != self.tracker.batch_size or sequences.shape[1] < self.tracker.length:
             raise ValueError(f"sequences must be a LongTensor ({self.tracker.batch_size}, >= {self.tracker.length}) "
-                             "holding the tracked tokens and any that follow")
+                             "holding the tracked tokens and any that follow (beam search returns its best beams, "
+                             "not the tracked rows: segment them with stepflow_ext.segment(sequences, "
+                             "prompt_lengths, **handle.segmentation_options))")
+        valid = self.tracker.seg_ids >= 0
+        if not torch.equal(sequences[:, :self.tracker.length].cpu()[valid], self.tracker.ids[valid]):
+            raise ValueError("sequences do not start with the tracked tokens")
         kv_start = self.tracker.kv_start()
         mask = (torch.arange(sequences.shape[1])[None, :] >= kv_start[:, None]).long()
-        return segment(sequences.cpu(), self._prompt_lengths, attention_mask=mask, **self.segmentation_options)
+        return segment(sequences.cpu(), self.tracker.prompt_lengths, attention_mask=mask,
+                       **self.segmentation_options)
+
+    def reset(self) -> None:
+        """Forget the tracked sequence: the next forward call starts a new one whatever its ids."""
+        if self.tracker is not None:
+            self.tracker._rows = None
+        self._smi_state, self._smi_undo, self._cache = {}, {}, None
 
     def trigger_counts(self, reset: bool = False) -> dict:
         """How often StepFlow acted since the last reset, per layer: {"oeb": {layer: n}, "smi": {layer: n}}.
@@ -178,6 +316,8 @@ class StepFlowHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if getattr(self.model, "__dict__", {}).get("generate") is getattr(self, "_generate_wrapper", None):
+            del self.model.generate
         hf.Installed.on(self.model).pop(self._token)
         self._token = None
         if getattr(self.model, "_stepflow_handle", None) is self:
@@ -205,12 +345,21 @@ class StepFlowHandle:
         if input_ids is None and embeds is None:
             raise ValueError("StepFlow needs input_ids or inputs_embeds")
         batch, length = (input_ids.shape if input_ids is not None else embeds.shape[:2])
-        past = _cache_length(kwargs)
+        cache = _cache_of(kwargs)
+        past = _cache_length(cache)
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
-            raise ValueError("StepFlow needs a 2D attention_mask (batch, length), not a prepared 4D mask")
-        kv_start, left_padded = padding_of(mask, batch, past + length)
+        first_of_generate, self._generate_first = self._generate_first, False
         device = (input_ids if input_ids is not None else embeds).device
+        # generate's prompt still going in (prefill_chunk_size): its chunks may hold padding only
+        prefilling = self._generate_prompt is not None and past + length <= self._generate_prompt[0]
+        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            kv_start, left_padded = padding_of(mask, batch, past + length, allow_empty=prefilling)
+            if mask is not None and past > 0 and not prefilling and not bool(mask[:, past:].all()):
+                raise ValueError("attention_mask masks some of the new tokens of a cached call: StepFlow tracks every "
+                                 "token it is fed (pad on the left, before the prompt)")
+        else:
+            kv_start = padding_of_prepared(mask, batch, past, length)
+            left_padded = bool((kv_start > 0).any())
         if self._forced is not None:
             self._call = self._forced_call(self._forced, batch, past, length, kv_start, device)
             return
@@ -220,17 +369,20 @@ class StepFlowHandle:
         if input_ids is None:
             raise ValueError("online step tracking needs input_ids; with inputs_embeds call "
                              "handle.set_segmentation(seg) first")
-        if past == 0:
-            if mask is not None and not left_padded and bool((mask[:, -1] == 0).any()):
-                raise ValueError("online tracking needs left padding (the prompt's last token must be real)")
-            update = self.tracker.start(input_ids, mask)
-            self._prompt_lengths = (update.seg_ids >= 0).sum(dim=1).tolist()
-            self._smi_state = {}
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            valid = mask.to("cpu", torch.bool)                                   # (B, past + n)
         else:
-            if self.tracker.length != past:
-                raise ValueError(f"the KV cache holds {past} tokens but StepFlow tracked {self.tracker.length}: "
-                                 "start each sequence with an empty cache")
-            update = self.tracker.feed(input_ids)
+            valid = torch.arange(past + length)[None, :] >= kv_start[:, None]
+        if past == 0:
+            if not left_padded and not bool(valid[:, -1].all()):
+                raise ValueError("online tracking needs left padding (the prompt's last token must be real)")
+            if cache is None and not first_of_generate:
+                self._call = self._follow(input_ids, valid, kv_start, device)
+                return
+            update = self._start(input_ids, valid, first_of_generate)
+        else:
+            update = self._continue(cache, past, batch, kv_start, input_ids, valid[:, past:] if prefilling else None)
+        self._bind(cache)
         seg_kinds = kinds_tensor(self.tracker.kinds)
         channel = torch.where(update.seg_ids >= 0, seg_kinds.gather(1, update.seg_ids.clamp(min=0)),
                               torch.full_like(update.seg_ids, -1))
@@ -240,7 +392,121 @@ class StepFlowHandle:
                             kv_start, positions, c.num_sink)
         windows = smi_windows(update.prev_step, c.smi_window)
         self._call = _Call(update.seg_ids.to(device), seg_kinds.to(device), kv_start.to(device), bounds.to(device),
-                           windows.to(device), functional=False)
+                           windows.to(device), functional=False, past=past)
+
+    def _start(self, input_ids, valid, first_of_generate):
+        """A new sequence: the call's tokens are the prompt, except in generate's first call, whose
+        tokens after generate's input (assisted decoding's first candidates) are generated ones, and
+        whose prompt may go on in the next calls (a prefill in chunks, prefill_chunk_size)."""
+        self._smi_state, self._smi_undo = {}, {}
+        prompt, prompt_mask = (self._generate_prompt if first_of_generate else None) or (None, None)
+        ids = input_ids.cpu()
+        if prompt is None or prompt == ids.shape[1]:
+            update = self.tracker.start(ids, valid)
+        elif prompt > ids.shape[1]:
+            counts = [prompt] * ids.shape[0] if prompt_mask is None else prompt_mask.sum(dim=1).tolist()
+            update = self.tracker.start(ids, valid, prompt_lengths=counts)
+        else:
+            head = self.tracker.start(ids[:, :prompt], valid[:, :prompt])
+            tail = self.tracker.feed(ids[:, prompt:])
+            update = TrackerUpdate(*(torch.cat([h, t], dim=1) for h, t in zip(head[:5], tail[:5])), tail.kinds,
+                                   tail.closed)
+        return update
+
+    def _continue(self, cache, past, batch, kv_start, input_ids, new_valid=None):
+        """A cached call: the cache holds `past` tokens of the tracked sequence; roll back if it shrank.
+        new_valid: which new columns are real (a chunk of generate's prompt; else all of them)."""
+        tracked = self.tracker.length
+        bound = self._cache() if self._cache is not None else None
+        if tracked == 0:
+            raise ValueError(f"the KV cache holds {past} tokens but StepFlow tracked none: start each sequence with "
+                             "an empty cache (StepFlow must see every token)")
+        if cache is not bound and past != tracked:
+            raise ValueError(f"the KV cache holds {past} tokens but StepFlow tracked {tracked} in another cache: "
+                             "StepFlow follows the cache it saw the sequence grow in (crops and beam reorders of it "
+                             "included); to go on from a copied or older cache, run its tokens again with an empty "
+                             "cache")
+        if past > tracked:
+            raise ValueError(f"the KV cache holds {past} tokens but StepFlow tracked {tracked}: tokens reached the "
+                             "cache without passing through the model's forward")
+        if batch != self.tracker.batch_size:
+            raise ValueError(f"the call has {batch} rows but StepFlow tracks {self.tracker.batch_size}: the cache's "
+                             "batch changed without reorder_cache / batch_select_indices / batch_repeat_interleave")
+        if past < tracked:      # the cache was cropped (rejected candidates of assisted / prompt-lookup decoding)
+            self._rollback(past)
+        update = self.tracker.feed(input_ids.cpu(), new_valid)
+        if not torch.equal(kv_start, self.tracker.kv_start()):
+            raise ValueError("the attention mask's left padding differs from the tracked sequence's")
+        return update
+
+    def _follow(self, input_ids, valid, kv_start, device):
+        """A call without cache (use_cache=False): the whole sequence again (StepTracker.follow)."""
+        self.tracker.follow(input_ids.cpu(), valid)
+        self._smi_state, self._smi_undo, self._cache = {}, {}, None
+        seg = self.tracker.segmentation()
+        call = self._call_from(seg, kv_start, input_ids.shape[1], device, functional=False)
+        return call
+
+    def _rollback(self, length):
+        """Tracker and residual decode state back to `length` tokens (the cache was cropped)."""
+        for layer, (start, snap, hidden, seg_ids, kinds) in list(self._smi_undo.items()):
+            if length < start:
+                raise ValueError(f"the KV cache was cropped to {length} tokens, further back than the residual SMI "
+                                 f"rule's decode state can be rolled back (to {start}: the last {ROLLBACK_TOKENS} "
+                                 "tokens of the last call); use smi_rule='value' or crop less")
+        self.tracker.truncate(length)
+        c = self.config
+        for layer, (start, snap, hidden, seg_ids, kinds) in list(self._smi_undo.items()):
+            keep = length - start
+            state = tuple(t.clone() for t in snap)
+            if keep > 0:
+                ops.step_momentum_decode_(hidden[:, :keep], seg_ids[:, :keep], kinds, state, c.smi_beta, c.smi_gamma)
+            self._smi_state[layer] = state
+            self._smi_undo[layer] = (start, snap, hidden[:, :keep], seg_ids[:, :keep], kinds)
+
+    def _reorder(self, index):
+        """Rows reordered / repeated / dropped (beam search's reorder_cache and the like)."""
+        if self.tracker is None or self.tracker._rows is None:
+            return
+        index = index.to("cpu", torch.long).flatten()
+        self.tracker.select(index.tolist())
+        for layer, state in self._smi_state.items():
+            self._smi_state[layer] = tuple(t.index_select(0, index.to(t.device)) for t in state)
+        for layer, (start, snap, hidden, seg_ids, kinds) in self._smi_undo.items():
+            sel = [t.index_select(0, index.to(t.device)) for t in (hidden, seg_ids, kinds)]
+            self._smi_undo[layer] = (start, tuple(t.index_select(0, index.to(t.device)) for t in snap), *sel)
+
+    def _bind(self, cache):
+        """The tracked sequence lives in `cache`: watch its batch reorders."""
+        from transformers.cache_utils import Cache
+        if not isinstance(cache, Cache):
+            self._cache = None
+            return
+        self._cache = weakref.ref(cache)
+        _watch(cache, self)
+
+    def _after_forward(self, module, args, kwargs, output):
+        """Bind the cache the model created (a first call without cache but with use_cache)."""
+        if self._forced is not None or self.tracker is None or self._call is None or self._call.functional:
+            return None
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        bound = self._cache() if self._cache is not None else None
+        if cache is not None and cache is not bound and self.tracker.length == _cache_length(cache):
+            self._bind(cache)
+        return None
+
+    def _call_from(self, seg, kv_start, length, device, functional, past=0):
+        seg = seg.to("cpu")
+        starts = seg.channel_starts()                                 # (B, 2), T where absent
+        starts = torch.where(starts >= length, torch.full_like(starts, -1), starts)
+        c = self.config
+        bounds = oeb_bounds(c.oeb_rule, seg.channels(), seg.seg_start(), starts[:, 0:1], starts[:, 1:2], kv_start,
+                            torch.arange(length), c.num_sink)
+        windows = smi_windows(seg.smi_prev_step(), c.smi_window)
+        return _Call(seg.seg_ids.to(device), seg.seg_kinds_tensor().to(device), kv_start.to(device), bounds.to(device),
+                     windows.to(device), functional=functional, past=past)
 
     def _forced_call(self, seg, batch, past, length, kv_start, device):
         if past != 0:
@@ -252,15 +518,7 @@ class StepFlowHandle:
         seg_kv = seg.kv_start()
         if bool((seg_kv != kv_start).any()) and bool((kv_start > 0).any()):
             raise ValueError("the segmentation's padding (-1 seg ids) does not match attention_mask")
-        seg = seg.to("cpu")
-        starts = seg.channel_starts()                                 # (B, 2), T where absent
-        starts = torch.where(starts >= length, torch.full_like(starts, -1), starts)
-        c = self.config
-        bounds = oeb_bounds(c.oeb_rule, seg.channels(), seg.seg_start(), starts[:, 0:1], starts[:, 1:2], seg_kv,
-                            torch.arange(length), c.num_sink)
-        windows = smi_windows(seg.smi_prev_step(), c.smi_window)
-        return _Call(seg.seg_ids.to(device), seg.seg_kinds_tensor().to(device), seg_kv.to(device), bounds.to(device),
-                     windows.to(device), functional=True)
+        return self._call_from(seg, seg_kv, length, device, functional=True)
 
     def _after_layer(self, layer_idx):
         """SMI rule `residual`: on the hidden state leaving the decoder layer."""
@@ -279,13 +537,94 @@ class StepFlowHandle:
             elif call.functional:
                 new = ops.step_momentum(hidden, call.seg_ids, call.seg_kinds, c.smi_beta, c.smi_gamma)
             else:
-                state = self._smi_state.get(layer_idx)
-                if state is None:
-                    state = ops.new_momentum_state(hidden.shape[0], hidden.shape[-1], hidden.device)
-                    self._smi_state[layer_idx] = state
-                new = ops.step_momentum_decode_(hidden, call.seg_ids, call.seg_kinds, state, c.smi_beta, c.smi_gamma)
+                new = self._residual_decode(layer_idx, hidden, call)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return hook
+
+    def _residual_decode(self, layer, hidden, call):
+        """The residual rule's decode op on the call's tokens, keeping what a rollback needs: the state
+        before the call's last ROLLBACK_TOKENS tokens and their hidden states (the op on them is
+        replayed from that state up to the cropped length: the same arithmetic, bit for bit)."""
+        c = self.config
+        state = self._smi_state.get(layer)
+        if state is None:
+            state = ops.new_momentum_state(hidden.shape[0], hidden.shape[-1], hidden.device)
+            self._smi_state[layer] = state
+        n = hidden.shape[1]
+        split = max(0, n - ROLLBACK_TOKENS)
+        parts = []
+        if split:
+            parts.append(ops.step_momentum_decode_(hidden[:, :split], call.seg_ids[:, :split], call.seg_kinds, state,
+                                                   c.smi_beta, c.smi_gamma))
+        snap = tuple(t.clone() for t in state)
+        tail, seg_tail = hidden[:, split:].detach(), call.seg_ids[:, split:]
+        parts.append(ops.step_momentum_decode_(tail, seg_tail, call.seg_kinds, state, c.smi_beta, c.smi_gamma))
+        self._smi_undo[layer] = (call.past + split, snap, tail.clone() if split else tail, seg_tail, call.seg_kinds)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    # -- generate() and the cache
+    def _cache_event(self, cache, name, arg):
+        """Cache.reorder_cache / batch_select_indices / batch_repeat_interleave ran on `cache`."""
+        if self._cache is None or self._cache() is not cache or not self.active:
+            return
+        if name == "batch_repeat_interleave":
+            index = torch.arange(self.tracker.batch_size).repeat_interleave(int(arg))
+        else:
+            index = arg if isinstance(arg, torch.Tensor) else torch.as_tensor(arg)
+            if index.dtype == torch.bool:
+                index = index.nonzero().flatten()
+        self._reorder(index)
+
+    def _generate(self, original, args, kwargs):
+        if not self.active:
+            return original(*args, **kwargs)
+        args, kwargs = self._check_generate(args, kwargs)
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        mask = kwargs.get("attention_mask")
+        mask = mask.to("cpu", torch.bool) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._generate_prompt = (int(prompt.shape[-1]), mask) if isinstance(prompt, torch.Tensor) else None
+        self._generate_first = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self._generate_prompt, self._generate_first = None, False
+
+    def _check_generate(self, args, kwargs):
+        """Refuse the generate modes StepFlow cannot follow; turn generate's automatic torch.compile off."""
+        given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        config = given if given is not None else getattr(self.model, "generation_config", None)
+
+        def option(name):
+            return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+        assistant = kwargs.get("assistant_model", args[6] if len(args) > 6 else None)
+        if option("assistant_early_exit") is not None:
+            raise ValueError("assistant_early_exit drafts with the model's own first layers, which StepFlow does not "
+                             "support (the draft calls would be tracked as the sequence): use a separate "
+                             "assistant_model or prompt_lookup_num_tokens")
+        if option("use_mtp"):
+            raise ValueError("use_mtp drafts with the model's own multi-token-prediction layers, which StepFlow does "
+                             "not support: use a separate assistant_model or prompt_lookup_num_tokens")
+        if option("speculation_type") is not None:
+            raise ValueError(f"speculation_type={option('speculation_type')!r} is not supported under StepFlow: use "
+                             "assistant_model (a separate model) or prompt_lookup_num_tokens")
+        if assistant is not None and (assistant is self.model or getattr(assistant, "base_model", None)
+                                      is self.model.base_model):
+            raise ValueError("assistant_model is the model StepFlow runs on: its draft calls would be tracked as the "
+                             "sequence; use a separate assistant model or prompt_lookup_num_tokens")
+        if option("compile_config") is not None:
+            raise ValueError("generate(compile_config=...) compiles the decode step with torch.compile, which "
+                             "StepFlow does not support (its step tracking runs in Python at every forward call): "
+                             "leave compile_config out (StepFlow turns generate's automatic compilation off) or "
+                             "call handle.restore() first")
+        if not option("disable_compile"):   # else generate compiles the decode step when the cache is static
+            if "disable_compile" in kwargs or given is None:
+                kwargs = dict(kwargs, disable_compile=True)
+            elif "generation_config" in kwargs:
+                kwargs = dict(kwargs, generation_config=_with(given, disable_compile=True))
+            else:
+                args = (args[0], _with(given, disable_compile=True)) + tuple(args[2:])
+        return args, kwargs
 
     def _attention(self, inner):
         handle = self
@@ -297,9 +636,15 @@ class StepFlowHandle:
             if call is None or not (oeb or smi):
                 return inner(module, query, key, value, attention_mask, **kwargs)
             c = handle.config
+            valid = call.valid_length
+            if key.shape[2] < valid:
+                raise ValueError(f"layer {layer}'s KV cache holds {key.shape[2]} of the sequence's {valid} keys (a "
+                                 "sliding-window cache drops old keys): StepFlow's OEB and SMI layers need every key; "
+                                 "use a full-attention cache or leave the layer out of the config")
+            k_all, v_all = (key[:, :, :valid], value[:, :, :valid]) if key.shape[2] > valid else (key, value)
             if oeb:
                 window = kwargs.get("sliding_window")
-                if window is not None and key.shape[2] > window:
+                if window is not None and k_all.shape[2] > window:
                     raise ValueError(f"layer {layer} uses a sliding window of {window} tokens, which StepFlow does "
                                      "not support on this architecture yet: leave it out of oeb_layers")
                 if getattr(module, "sinks", None) is not None:
@@ -311,11 +656,11 @@ class StepFlowHandle:
                         raise ValueError("the random-attn control computes no gradients (its chunked rows would all "
                                          "be kept for backward; step_saliency does not model it): run the model "
                                          "under torch.no_grad() — generate() already does")
-                    out = controls.random_group_attention(query, key, value, call.kv_start, call.bounds, c.oeb_rule,
+                    out = controls.random_group_attention(query, k_all, v_all, call.kv_start, call.bounds, c.oeb_rule,
                                                           c.oeb_strength, c.oeb_tau_max, scaling,
                                                           handle.control_seed, layer)
                 else:
-                    out, _, stats = ops.oeb_attention(query, key, value, call.kv_start, call.bounds, c.oeb_rule,
+                    out, _, stats = ops.oeb_attention(query, k_all, v_all, call.kv_start, call.bounds, c.oeb_rule,
                                                       c.oeb_strength, c.oeb_tau_max, ops.OEB_EPS, scale=scaling)
                     handle._count("oeb", layer, stats[..., 4].sum())
                 out, weights = out.transpose(1, 2).contiguous(), None
@@ -323,10 +668,10 @@ class StepFlowHandle:
                 out, weights = inner(module, query, key, value, attention_mask, **kwargs)
             if smi:
                 if handle.control == "random-residual":
-                    out = controls.random_value_injection(out, value, call.windows, c.smi_alpha, c.smi_window,
+                    out = controls.random_value_injection(out, v_all, call.windows, c.smi_alpha, c.smi_window,
                                                           handle.control_seed, layer)
                 else:
-                    out = ops.smi_value(out, value, call.windows, c.smi_alpha, c.smi_window)
+                    out = ops.smi_value(out, v_all, call.windows, c.smi_alpha, c.smi_window)
                 handle._count("smi", layer, (call.windows[..., 0] >= 0).sum())
             return out, weights
         return attention
@@ -388,6 +733,16 @@ def replace_attention(model, config: StepFlowConfig | None = None, tokenizer=Non
     handle._token = hf.Installed.on(model).push(handle._attention)
     # On the base model, so that generate(), model(...) and step_saliency's direct call all pass here.
     handle._hooks.append(model.base_model.register_forward_pre_hook(handle._before_forward, with_kwargs=True))
+    handle._hooks.append(model.base_model.register_forward_hook(handle._after_forward, with_kwargs=True))
+    _watch_caches()
+    original_generate = model.generate
+
+    def generate(*args, **kwargs):
+        return handle._generate(original_generate, args, kwargs)
+
+    generate.__doc__ = original_generate.__doc__
+    handle._generate_wrapper = generate
+    model.generate = generate
     if config.smi_rule == "residual":
         layers = hf.decoder_layers(model)
         for idx in config.smi_layers:
