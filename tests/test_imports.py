@@ -28,7 +28,7 @@ LAYERS = [  # the lines of README, "Where things live"
      "stepflow_ext.traces", "stepflow_ext.console", "stepflow_ext.tiny", "stepflow_ext.tiny.*"),
     ("stepflow_ext.segment", "stepflow_ext.segment_result", "stepflow_ext.segment_text", "stepflow_ext.segment_rule",
      "stepflow_ext.segment_tracker", "stepflow_ext.config", "stepflow_ext.controls"),
-    ("stepflow_ext.saliency", "stepflow_ext.intervention", "stepflow_ext"),
+    ("stepflow_ext.saliency", "stepflow_ext.intervention", "stepflow_ext.intervention_state", "stepflow_ext"),
     ("stepflow_ext.report", "stepflow_ext.plot", "stepflow_ext.plot_core"),
     ("stepflow_ext.eval", "stepflow_ext.eval.*"),
     ("stepflow_ext.demo",),
