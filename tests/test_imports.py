@@ -26,8 +26,9 @@ EXTENSIONS = ("stepflow_ext._C",)  # compiled from csrc/; imports nothing of the
 LAYERS = [  # the lines of README, "Where things live"
     ("stepflow_ext._C", "stepflow_ext.ops", "stepflow_ext.reference", "stepflow_ext.hf", "stepflow_ext.diagnostics",
      "stepflow_ext.traces", "stepflow_ext.console", "stepflow_ext.tiny", "stepflow_ext.tiny.*"),
-    ("stepflow_ext.segment", "stepflow_ext.config", "stepflow_ext.controls"),
-    ("stepflow_ext.saliency", "stepflow_ext.intervention", "stepflow_ext"),
+    ("stepflow_ext.segment", "stepflow_ext.segment_result", "stepflow_ext.segment_text", "stepflow_ext.segment_rule",
+     "stepflow_ext.segment_tracker", "stepflow_ext.config", "stepflow_ext.controls"),
+    ("stepflow_ext.saliency", "stepflow_ext.intervention", "stepflow_ext.intervention_state", "stepflow_ext"),
     ("stepflow_ext.report", "stepflow_ext.plot", "stepflow_ext.plot_core"),
     ("stepflow_ext.eval", "stepflow_ext.eval.*"),
     ("stepflow_ext.demo",),

@@ -335,7 +335,7 @@ def test_byte_fallback_repro_fails_without_the_character_start_rule(monkeypatch)
     byte-fallback decoder turns the character into U+FFFD at some offsets and the blank line after
     it is lost."""
     tk = real("llama2")
-    monkeypatch.setattr(segmod, "_MAX_BACK", 0)
+    monkeypatch.setattr(importlib.import_module("stepflow_ext.segment_text"), "_MAX_BACK", 0)   # read by _Detok there
     lost = 0
     for char in ("🫠", "龘"):
         for k in range(3 * (segmod.WINDOW + 1 - segmod.CONTEXT)):
