@@ -25,6 +25,9 @@ namespace device_checks {
 
 constexpr int kCheckThreads = 256;
 
+// The kernels below are static: this header is included by several .cu files, and each gets its own
+// copy (an external definition would be defined once per object file and fail to link).
+
 inline unsigned check_blocks(int64_t n) {
   const int64_t b = (n + kCheckThreads - 1) / kCheckThreads;
   return static_cast<unsigned>(b < 1 ? 1 : (b > 1024 ? 1024 : b));
@@ -32,7 +35,7 @@ inline unsigned check_blocks(int64_t n) {
 
 // oeb_attention (backward = 0) / oeb_attention_backward (backward = 1): kv_start[b] in [0, Tk];
 // bounds[b, i] = (-1, -1) or 0 <= a <= c <= Tk - Tq + i + 1; sink[h] finite (sink may be null).
-__global__ void __launch_bounds__(kCheckThreads) oeb_inputs_kernel(const int64_t* kv, const int64_t* bounds,
+static __global__ void __launch_bounds__(kCheckThreads) oeb_inputs_kernel(const int64_t* kv, const int64_t* bounds,
                                                                    const double* sink, int64_t B, int64_t Tq,
                                                                    int64_t Tk, int64_t H, int backward) {
   const int64_t n = B + B * Tq + (sink != nullptr ? H : 0);
@@ -71,7 +74,7 @@ inline void check_oeb_inputs(const int64_t* kv, const int64_t* bounds, const dou
 // step_saliency_pool: seg_ids (B, T) in [-1, S); with OEB (ob != null): oeb_bounds[b, i] = (-1, -1)
 // or 0 <= a <= c <= i + 1, and no padding between a row's first and last valid token (rows:
 // (B, 2) first valid position, last valid + 1, from the pool's bounds kernel); sink[h] finite.
-__global__ void __launch_bounds__(kCheckThreads) saliency_inputs_kernel(const int64_t* seg, const int32_t* rows,
+static __global__ void __launch_bounds__(kCheckThreads) saliency_inputs_kernel(const int64_t* seg, const int32_t* rows,
                                                                         const int64_t* ob, const double* sink,
                                                                         int64_t B, int64_t T, int64_t S, int64_t H) {
   const int64_t n = B * T + (sink != nullptr ? H : 0);
@@ -115,7 +118,7 @@ inline void check_saliency_inputs(const int64_t* seg, const int32_t* rows, const
 
 // step_momentum / step_momentum_decode_: the kernels validate the data while they plan and set
 // *err (the decode state is then left as it was); this asserts on the flag.
-__global__ void momentum_error_kernel(const int* err, int decode) {
+static __global__ void momentum_error_kernel(const int* err, int decode) {
   CUDA_KERNEL_ASSERT_PRINTF(*err == 0,
                             "%s: invalid seg_ids, seg_kinds or state counters (seg ids must be -1 or in [0, S) "
                             "and must not decrease along a row, nor go back before the state's segment; kinds "
