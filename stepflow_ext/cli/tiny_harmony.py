@@ -62,7 +62,8 @@ def gpt_oss_config(vocab_size: int, layers: int = 4, hidden: int = 64, heads: in
 
 
 def gpt_oss_model(vocab_size: int, seed: int = 0, sharpen: float = 1.0, dtype=None, **config):
-    """A random GptOssForCausalLM (eager attention: GPT-OSS has no SDPA path) with sink logits drawn from
+    """A random GptOssForCausalLM (eager attention: GPT-OSS has no SDPA path; eager experts, which run in
+    float64 too) with sink logits drawn from
     N(1, 1) per head, and the query scale multiplied by 4 * sharpen (peaky attention, as in the other
     tiny models: sharpen > 1 lets the Odds-Equal Bridge find starved bridges)."""
     import torch
@@ -71,7 +72,7 @@ def gpt_oss_model(vocab_size: int, seed: int = 0, sharpen: float = 1.0, dtype=No
     cfg = gpt_oss_config(vocab_size, **config)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager",
-                                                          dtype=dtype or torch.float32)
+                                                          experts_implementation="eager", dtype=dtype or torch.float32)
     with torch.no_grad():
         for layer in model.model.layers:
             attn = layer.self_attn
