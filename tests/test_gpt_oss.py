@@ -99,3 +99,166 @@ def test_step_saliency_per_layer_equals_reference():
         worst = max(worst, float((got - expected).abs().max() / expected.abs().max()))
     print(f"\n  gpt_oss per-layer maps vs reference.step_saliency_pool: max error {worst:.2e} (of the largest entry)")
     assert worst < 1e-5
+
+
+# --------------------------------------------------------------------------- replace_attention
+
+SHARP = 3.0   # peaky attention: the bridge rule fires on this random model (as on real ones)
+
+
+def batch(tok, with_trace=True):
+    """The two harmony prompts (+ the trace the model writes), left padded, and their segmentation."""
+    rows = [tok(p + (fx.TRACE if with_trace else ""))["input_ids"] for p in fx.PROMPTS]
+    prompt_lens = [len(tok(p)["input_ids"]) for p in fx.PROMPTS]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    seg = sf.segment(ids, prompt_lens, tokenizer=tok, attention_mask=mask)   # harmony markers ("auto")
+    return ids, mask, seg
+
+
+def paper_config(model, parts="both"):
+    cfg = sf.StepFlowConfig.default_for(model, smi_alpha=0.5)   # alpha large enough to see in logits
+    keep = dict(oeb_layers=cfg.oeb_layers if parts != "smi" else (), smi_layers=cfg.smi_layers if parts != "oeb" else ())
+    return sf.StepFlowConfig.from_dict(cfg.to_dict() | keep)
+
+
+def test_oracle_without_intervention_is_the_stock_model():
+    """The oracle's attention (reference, with sinks and windows) is GPT-OSS's own: a check of the oracle."""
+    from stepflow_oracle import reference_logits
+
+    tok, model = fx.tokenizer(), fx.model(sharpen=SHARP)
+    ids, mask, seg = batch(tok)
+    cfg = sf.StepFlowConfig(oeb_layers=(), smi_layers=())
+    expected = reference_logits(model, ids, mask, seg, cfg)
+    stock = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(stock[valid].double(), expected[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layers", ["default", "both_kinds"])
+def test_teacher_forced_equals_oracle(layers, capsys):
+    """default_for(model) (OEB on sliding layer 0, SMI on full layer 3), and OEB on a sliding and a full
+    layer with SMI on a sliding one: the teacher-forced pass equals the float64 oracle; sinks matter."""
+    from stepflow_oracle import reference_logits
+
+    tok, model = fx.tokenizer(), fx.model(sharpen=SHARP)
+    ids, mask, seg = batch(tok)
+    assert seg.kinds[0] == ["question", "step", "step", "step", "step", "summary"], seg.kinds
+    cfg = paper_config(model)
+    if layers == "both_kinds":
+        cfg = sf.StepFlowConfig.from_dict(cfg.to_dict() | dict(oeb_layers=(0, 1), smi_layers=(2,)))
+    with torch.no_grad(), sf.replace_attention(model, cfg, tokenizer=tok) as handle:
+        handle.set_segmentation(seg)
+        got = model(ids, attention_mask=mask).logits
+        counts = handle.trigger_counts()
+    stock = model(ids, attention_mask=mask).logits
+    expected = reference_logits(model, ids, mask, seg, cfg)
+    valid = mask.bool()
+    err = float((got[valid].double() - expected[valid]).abs().max())
+    with capsys.disabled():
+        print(f"\n  gpt_oss teacher-forced ({layers}: {cfg.describe()}) vs float64 oracle: max error {err:.2e}; "
+              f"triggers {counts}")
+    torch.testing.assert_close(got[valid].double(), expected[valid], atol=1e-4, rtol=1e-4)
+    assert (got[valid] - stock[valid]).abs().max() > 1e-3, "the intervention changed nothing"
+    assert all(counts["oeb"].get(i, 0) > 0 for i in cfg.oeb_layers), counts
+    assert sum(counts["smi"].values()) > 0
+
+
+def decode_and_prefill(model, tok, cfg):
+    """Decode the trace token by token (online harmony tracking), then one teacher-forced pass of the
+    same tokens with the tracked segmentation."""
+    trace = tok(fx.TRACE)["input_ids"]
+    prompt_ids, prompt_mask, _ = batch(tok, with_trace=False)
+    with torch.no_grad(), sf.replace_attention(model, cfg, tokenizer=tok) as handle:
+        out = model(prompt_ids, attention_mask=prompt_mask, use_cache=True)
+        cache, m, step_logits = out.past_key_values, prompt_mask, [out.logits[:, -1]]
+        for t in trace:
+            nxt = torch.full((2, 1), t)
+            m = torch.cat([m, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=m, cache=cache, use_cache=True)
+            cache = out.past_key_values
+            step_logits.append(out.logits[:, -1])
+        counts = handle.trigger_counts(reset=True)
+        seg = handle.segmentation()
+        full_ids = torch.cat([prompt_ids, torch.tensor([trace] * 2)], 1)
+        handle.set_segmentation(seg)
+        full = model(full_ids, attention_mask=m).logits
+    # the sliding layers' cache really dropped keys
+    assert cache.layers[0].keys.shape[2] < fx.WINDOW < full_ids.shape[1]
+    p = prompt_ids.shape[1]
+    return torch.stack(step_logits, 1), full[:, p - 1:], full_ids, m, seg, counts
+
+
+@pytest.mark.parametrize("layers", ["default", "both_kinds"])
+def test_decode_equals_prefill_and_oracle(layers, capsys):
+    """Under default_for(model) (and OEB on layers 0-1, SMI on sliding layer 2): decoding token by token (sliding-window caches that drop keys, channels
+    tracked online from the generated harmony markers) gives the logits of one teacher-forced pass, and
+    both equal the float64 oracle; the bridge rule fires."""
+    from stepflow_oracle import reference_logits
+
+    tok, model = fx.tokenizer(), fx.model(sharpen=SHARP)
+    cfg = sf.StepFlowConfig.default_for(model)
+    if layers == "both_kinds":
+        cfg = sf.StepFlowConfig.from_dict(cfg.to_dict() | dict(oeb_layers=(0, 1), smi_layers=(2,)))
+    decoded, prefilled, full_ids, mask, seg, counts = decode_and_prefill(model, tok, cfg)
+    assert seg.kinds[0] == ["question", "step", "step", "step", "step", "summary"], seg.kinds
+    _, _, forced = batch(tok)
+    assert torch.equal(seg.seg_ids, forced.seg_ids)
+    expected = reference_logits(model, full_ids, mask, seg, cfg)[:, -decoded.shape[1]:]
+    e1 = float((decoded - prefilled).abs().max())
+    e2 = float((decoded.double() - expected).abs().max())
+    oeb, smi = sum(counts["oeb"].values()), sum(counts["smi"].values())
+    with capsys.disabled():
+        print(f"\n  gpt_oss ({cfg.describe()}) decode vs prefill {e1:.2e}, vs float64 oracle {e2:.2e}; decoding {decoded.shape[1] - 1} "
+              f"tokens x 2 rows: the bridge rule fired on {oeb} (layer, head, token) rows, SMI at {smi} step starts")
+    torch.testing.assert_close(decoded, prefilled, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decoded.double(), expected, atol=1e-4, rtol=1e-4)
+    assert oeb > 0 and smi > 0
+
+
+def test_generate_tracks_harmony_channels_and_equals_prefill():
+    """generate() under default_for(model), with the trace's analysis marker as the start of the
+    completion: the channels are tracked from the generated markers, and the logits of every generated
+    token equal a teacher-forced pass of the sequence."""
+    tok, model = fx.tokenizer(), fx.model(sharpen=SHARP)
+    ids, mask, _ = batch(tok, with_trace=False)
+    opening = tok("<|channel|>analysis<|message|>First, 12 + 7 means adding seven to twelve. So")["input_ids"]
+    ids = torch.cat([ids, torch.tensor([opening] * 2)], 1)
+    mask = torch.cat([mask, torch.ones(2, len(opening), dtype=mask.dtype)], 1)
+    new = 10
+    cfg = sf.StepFlowConfig.default_for(model)
+    with torch.no_grad(), sf.replace_attention(model, cfg, tokenizer=tok) as handle:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=None, output_logits=True,
+                             return_dict_in_generate=True)
+        seg = handle.segmentation(out.sequences)
+        assert seg.kinds[0][:2] == ["question", "step"], seg.kinds   # the prompt's analysis marker opened it
+        full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
+        handle.set_segmentation(seg)
+        full = model(out.sequences, attention_mask=full_mask).logits
+    decoded = torch.stack(out.logits, 1)
+    torch.testing.assert_close(decoded, full[:, ids.shape[1] - 1:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_gpt_oss_features_raise():
+    tok, model = fx.tokenizer(), fx.model()
+    ids, mask, _ = batch(tok)
+    cfg = sf.StepFlowConfig.default_for(model)
+    with torch.no_grad(), sf.replace_attention(model, cfg, tokenizer=tok, control="random-attn"):
+        with pytest.raises(ValueError, match="random-attn.*(sinks|sliding)"):
+            model(ids, attention_mask=mask)
+
+    # a window shorter than SMI's: the sliding cache no longer holds the previous step's last tokens
+    small = fx.model(sliding_window=3)
+    cfg = sf.StepFlowConfig(oeb_layers=(), smi_layers=(2,), smi_window=4)
+    trace = tok(fx.TRACE)["input_ids"]
+    with torch.no_grad(), sf.replace_attention(small, cfg, tokenizer=tok):
+        prompt_ids, prompt_mask, _ = batch(tok, with_trace=False)
+        out = small(prompt_ids, attention_mask=prompt_mask, use_cache=True)
+        cache, m = out.past_key_values, prompt_mask
+        with pytest.raises(ValueError, match="smi_layers"):
+            for t in trace:
+                nxt = torch.full((2, 1), t)
+                m = torch.cat([m, torch.ones_like(nxt)], 1)
+                cache = small(nxt, attention_mask=m, cache=cache, use_cache=True).past_key_values
