@@ -262,3 +262,55 @@ def test_unsupported_gpt_oss_features_raise():
                 nxt = torch.full((2, 1), t)
                 m = torch.cat([m, torch.ones_like(nxt)], 1)
                 cache = small(nxt, attention_mask=m, cache=cache, use_cache=True).past_key_values
+
+
+def test_saliency_under_replace_attention_equals_materialized(capsys):
+    """step_saliency on GPT-OSS under default_for(model): in the OEB layer (sliding, with sinks) the
+    maps are those of A'; materialized: eager attention whose OEB layer returns the reference A' (with
+    the sinks and the window) as its weights and whose SMI layer adds reference.smi_value."""
+    import sys
+
+    from stepflow_ext import ops, reference
+    from test_saliency_paper import assert_rel_close, materialized_block_maps
+
+    tok, model = fx.tokenizer(), fx.model(sharpen=SHARP)
+    ids = torch.tensor([tok(fx.PROMPTS[1] + fx.TRACE)["input_ids"]])
+    seg = sf.segment(ids, [len(tok(fx.PROMPTS[1])["input_ids"])], tokenizer=tok)
+    cfg = sf.StepFlowConfig.default_for(model, smi_alpha=0.5)
+    mask = torch.ones_like(ids)
+    with sf.replace_attention(model, cfg, tokenizer=tok) as handle:
+        got = sf.step_saliency(model, ids, seg, preset="paper", attention_mask=mask)
+        fired = handle.trigger_counts()["oeb"]
+    plain = sf.step_saliency(model, ids, seg, preset="paper", attention_mask=mask)
+
+    kinds, kv_start = seg.seg_kinds_tensor(), torch.zeros(1, dtype=torch.long)
+    bounds = reference.oeb_bounds(seg.seg_ids, kinds, "bridge").clamp_min(0)   # (-1, -1) rows: no change
+    windows = reference.smi_windows(seg.seg_ids, kinds, seg.closing_tensor(), cfg.smi_window)
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    plain_eager = module.eager_attention_forward
+
+    def eager(mod, query, key, value, attention_mask, scaling=None, **kwargs):
+        if mod.layer_idx in cfg.oeb_layers:
+            a = reference.oeb_probs(query, key, kv_start, bounds, "bridge", 0.0, cfg.oeb_tau_max, ops.OEB_EPS,
+                                    mod.sinks, kwargs.get("sliding_window"), scaling)[0]
+            out = torch.einsum("bhij,bhjd->bhid", a, reference._expand_kv(value, query.shape[1]))
+        else:
+            out, a = plain_eager(mod, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            out = out.transpose(1, 2)
+        if mod.layer_idx in cfg.smi_layers:
+            out = reference.smi_value(out, value, windows, cfg.smi_alpha)
+        return out.transpose(1, 2).contiguous(), a
+
+    module.eager_attention_forward = eager
+    try:
+        expected = materialized_block_maps(model, ids, mask, seg)
+    finally:
+        module.eager_attention_forward = plain_eager
+    block = got.normalized("block")
+    err = float(((block.double() - expected).abs()[expected != 0] / expected.abs()[expected != 0]).max())
+    change = float((plain.maps[:, 0] - got.maps[:, 0]).abs().max() / plain.maps[:, 0].abs().max())
+    with capsys.disabled():
+        print(f"\n  gpt_oss saliency under StepFlow vs materialized A': max relative error {err:.2e}; OEB fired {fired}, "
+              f"layer 0 maps changed by {change:.2e} (relative)")
+    assert sum(fired.values()) > 0 and change > 1e-3
+    assert_rel_close(block, expected, rel=1e-4)
