@@ -1,8 +1,8 @@
 """The float64 oracle of StepFlow at the model level (design.md 2.3 and 2.4).
 
 `reference_logits(model, ids, mask, seg, cfg)` runs a float64 copy of the model whose every
-attention layer is written from stepflow_ext.reference with materialized attention (with the layer's attention-sink logits and
-sliding window, if it has them: GPT-OSS, Mistral): OEB layers
+attention layer is written from stepflow_ext.reference with materialized attention (with the
+layer's attention-sink logits and sliding window, if it has them: GPT-OSS, Mistral): OEB layers
 run reference.oeb_attention with the bounds of reference.oeb_bounds (a loop over tokens), value
 SMI layers add reference.smi_value over the windows of reference.smi_windows (a loop over
 segments), residual SMI layers apply reference.step_momentum to the decoder layer's output. None of

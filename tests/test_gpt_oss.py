@@ -119,7 +119,8 @@ def batch(tok, with_trace=True):
 
 def paper_config(model, parts="both"):
     cfg = sf.StepFlowConfig.default_for(model, smi_alpha=0.5)   # alpha large enough to see in logits
-    keep = dict(oeb_layers=cfg.oeb_layers if parts != "smi" else (), smi_layers=cfg.smi_layers if parts != "oeb" else ())
+    keep = dict(oeb_layers=cfg.oeb_layers if parts != "smi" else (),
+                smi_layers=cfg.smi_layers if parts != "oeb" else ())
     return sf.StepFlowConfig.from_dict(cfg.to_dict() | keep)
 
 
@@ -192,9 +193,9 @@ def decode_and_prefill(model, tok, cfg):
 
 @pytest.mark.parametrize("layers", ["default", "both_kinds"])
 def test_decode_equals_prefill_and_oracle(layers, capsys):
-    """Under default_for(model) (and OEB on layers 0-1, SMI on sliding layer 2): decoding token by token (sliding-window caches that drop keys, channels
-    tracked online from the generated harmony markers) gives the logits of one teacher-forced pass, and
-    both equal the float64 oracle; the bridge rule fires."""
+    """Under default_for(model) (and OEB on layers 0-1, SMI on sliding layer 2): decoding token by token
+    (sliding-window caches that drop keys, channels tracked online from the generated harmony markers)
+    gives the logits of one teacher-forced pass, and both equal the float64 oracle; the bridge rule fires."""
     from stepflow_oracle import reference_logits
 
     tok, model = fx.tokenizer(), fx.model(sharpen=SHARP)
@@ -210,14 +211,16 @@ def test_decode_equals_prefill_and_oracle(layers, capsys):
     e2 = float((decoded.double() - expected).abs().max())
     oeb, smi = sum(counts["oeb"].values()), sum(counts["smi"].values())
     with capsys.disabled():
-        print(f"\n  gpt_oss ({cfg.describe()}) decode vs prefill {e1:.2e}, vs float64 oracle {e2:.2e}; decoding {decoded.shape[1] - 1} "
-              f"tokens x 2 rows: the bridge rule fired on {oeb} (layer, head, token) rows, SMI at {smi} step starts")
+        print(f"\n  gpt_oss ({cfg.describe()}) decode vs prefill {e1:.2e}, vs float64 oracle {e2:.2e}; "
+              f"decoding {decoded.shape[1] - 1} tokens x 2 rows: the bridge rule fired on {oeb} (layer, head, "
+              f"token) rows, SMI at {smi} step starts")
     torch.testing.assert_close(decoded, prefilled, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(decoded.double(), expected, atol=1e-4, rtol=1e-4)
     assert oeb > 0 and smi > 0
 
 
-def test_generate_tracks_harmony_channels_and_equals_prefill():
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_tracks_harmony_channels_and_equals_prefill(cache):
     """generate() under default_for(model), with the trace's analysis marker as the start of the
     completion: the channels are tracked from the generated markers, and the logits of every generated
     token equal a teacher-forced pass of the sequence."""
@@ -230,8 +233,8 @@ def test_generate_tracks_harmony_channels_and_equals_prefill():
     cfg = sf.StepFlowConfig.default_for(model)
     with torch.no_grad(), sf.replace_attention(model, cfg, tokenizer=tok) as handle:
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=None, output_logits=True,
-                             return_dict_in_generate=True)
+                             cache_implementation=cache, pad_token_id=tok.pad_token_id, eos_token_id=None,
+                             output_logits=True, return_dict_in_generate=True)
         seg = handle.segmentation(out.sequences)
         assert seg.kinds[0][:2] == ["question", "step"], seg.kinds   # the prompt's analysis marker opened it
         full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
@@ -310,7 +313,7 @@ def test_saliency_under_replace_attention_equals_materialized(capsys):
     err = float(((block.double() - expected).abs()[expected != 0] / expected.abs()[expected != 0]).max())
     change = float((plain.maps[:, 0] - got.maps[:, 0]).abs().max() / plain.maps[:, 0].abs().max())
     with capsys.disabled():
-        print(f"\n  gpt_oss saliency under StepFlow vs materialized A': max relative error {err:.2e}; OEB fired {fired}, "
-              f"layer 0 maps changed by {change:.2e} (relative)")
+        print(f"\n  gpt_oss saliency under StepFlow vs materialized A': max relative error {err:.2e}; "
+              f"OEB fired {fired}, layer 0 maps changed by {change:.2e} (relative)")
     assert sum(fired.values()) > 0 and change > 1e-3
     assert_rel_close(block, expected, rel=1e-4)
