@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Parity of `step_saliency(..., preset="paper")` with the paper authors' own code.
 
-    python scripts/paper_parity.py PATH [--arch qwen2|llama|both] [--tokens N] [--seed S]
+    python scripts/paper_parity.py PATH [--arch qwen2|llama|gpt_oss|both] [--tokens N] [--seed S]
 
 PATH is a local checkout of the authors' repository (github.com/XiaoyuXu-Vincent/step-saliency).
 Nothing of it is part of this project: this script loads, at run time and from PATH only,
@@ -14,7 +14,8 @@ Nothing of it is part of this project: this script loads, at run time and from P
   intensities and their ratio).
 
 On a random tiny model (fp32) it runs their extractor on an eager copy of the model and our
-`step_saliency(model, ids, seg, preset="paper")` on the model as it is (SDPA by default), with
+`step_saliency(model, ids, seg, preset="paper")` on the model as it is (SDPA by default; a
+`--arch gpt_oss` model is eager, with attention sinks and --window sliding layers), with
 one token-to-step assignment shared by both: a random contiguous one (the question, --steps
 thinking steps, --summary-steps summary segments). Their per-layer step matrix is
 compute_step_saliency of their token map averaged over batch and heads (what their
@@ -122,8 +123,15 @@ def load_authors(path: str, functions_only: bool):
 # --------------------------------------------------------------------------- model and inputs
 
 
-def tiny_model(arch: str, seed: int, layers: int, vocab: int):
+def tiny_model(arch: str, seed: int, layers: int, vocab: int, window: int = 16):
+    """A random tiny model. gpt_oss: GPT-OSS (eager attention, sliding_attention / full_attention layers
+    in turn with a `window`-token window, attention-sink logits far from zero; stepflow_ext.cli.tiny_harmony)."""
     import transformers
+
+    if arch == "gpt_oss":
+        from stepflow_ext.cli.tiny_harmony import gpt_oss_model
+
+        return gpt_oss_model(vocab, seed=seed, layers=layers, sliding_window=window)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -181,7 +189,8 @@ def theirs(authors, model, ids, token_to_step, steps, summaries):
     eager.set_attn_implementation("eager")
     for p in eager.parameters():
         p.requires_grad_(True)
-    res = extract_saliency(eager, {"input_ids": ids}, model_type="qwen3", rule="ag", mode="loss",
+    model_type = "gpt-oss" if model.config.model_type == "gpt_oss" else "qwen3"   # their registry's names
+    res = extract_saliency(eager, {"input_ids": ids}, model_type=model_type, rule="ag", mode="loss",
                            return_attn_probs=False, compute_saliency_metrics=False)
     if len(res.saliency_per_layer) != model.config.num_hidden_layers:
         _fail(f"error: their extractor returned {len(res.saliency_per_layer)} layers for a "
@@ -216,12 +225,13 @@ def _scalar_rel(a: float, b: float) -> float:
 
 def run(arch, args, authors) -> float:
     gen = torch.Generator().manual_seed(args.seed)
-    model = tiny_model(arch, args.seed, args.layers, args.vocab)
+    model = tiny_model(arch, args.seed, args.layers, args.vocab, args.window)
     ids = torch.randint(1, args.vocab, (1, args.tokens), generator=gen)
     lengths = random_assignment(args.tokens, args.steps, args.summary_steps, gen)
     block, diag, token_to_step = ours(model, ids, lengths, args.steps, args.summary_steps)
     matrices, metrics = theirs(authors, model, ids, token_to_step, args.steps, args.summary_steps)
-    print(f"\n== {arch}: {args.layers} layers, 4 heads / 2 kv heads, {args.tokens} tokens, seed {args.seed}; "
+    extra = f", sinks, sliding window {args.window} on even layers" if arch == "gpt_oss" else ""
+    print(f"\n== {arch}: {args.layers} layers, 4 heads / 2 kv heads{extra}, {args.tokens} tokens, seed {args.seed}; "
           f"segment lengths {lengths} (question, {args.steps} steps, {args.summary_steps} summary segments)")
     print(f"   ours: step_saliency(preset='paper') on {model.config._attn_implementation}; theirs: extract_saliency "
           "(rule 'ag', mode 'loss') on an eager copy + compute_step_saliency / compute_step_metrics")
@@ -251,7 +261,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: python scripts/paper_parity.py ~/src/step-saliency --arch both")
     p.add_argument("path", metavar="PATH", help="local checkout of the authors' repository (src/, scripts/)")
-    p.add_argument("--arch", choices=("qwen2", "llama", "both"), default="both", help="random model (default both)")
+    p.add_argument("--arch", choices=("qwen2", "llama", "gpt_oss", "both"), default="both",
+                   help="random model (default both = qwen2 and llama; gpt_oss: attention sinks and sliding windows)")
+    p.add_argument("--window", type=int, default=16, metavar="W",
+                   help="gpt_oss: sliding window of its sliding_attention layers (default 16, so that it binds)")
     p.add_argument("--tokens", type=int, default=128, metavar="N", help="sequence length (default 128)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of weights, ids and segments (default 0)")
     p.add_argument("--layers", type=int, default=4, metavar="L", help="decoder layers (default 4)")

@@ -278,45 +278,69 @@ class StepFlowHandle(_Tracking):
             if call is None or not (oeb or smi):
                 return inner(module, query, key, value, attention_mask, **kwargs)
             c = handle.config
-            valid = call.valid_length
-            if key.shape[2] < valid:
-                raise ValueError(f"layer {layer}'s KV cache holds {key.shape[2]} of the sequence's {valid} keys (a "
-                                 "sliding-window cache drops old keys): StepFlow's OEB and SMI layers need every key; "
-                                 "use a full-attention cache or leave the layer out of the config")
-            k_all, v_all = (key[:, :, :valid], value[:, :, :valid]) if key.shape[2] > valid else (key, value)
+            window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+            window = int(window) if window is not None else None
+            sink = getattr(module, "sinks", None)
+            k_all, v_all, kv_start, bounds, windows = _layer_view(layer, key, value, call, window)
             if oeb:
-                window = kwargs.get("sliding_window")
-                if window is not None and k_all.shape[2] > window:
-                    raise ValueError(f"layer {layer} uses a sliding window of {window} tokens, which StepFlow does "
-                                     "not support on this architecture yet: leave it out of oeb_layers")
-                if getattr(module, "sinks", None) is not None:
-                    raise ValueError(f"layer {layer} has attention sinks, which StepFlow does not support on this "
-                                     "architecture yet")
+                if handle.control == "random-attn" and (sink is not None or window is not None):
+                    raise ValueError(f"control 'random-attn' does not support layer {layer}'s "
+                                     f"{'attention sinks' if sink is not None else 'sliding window'} (GPT-OSS, "
+                                     "Mistral with sliding_window): leave the layer out of oeb_layers")
                 scaling = kwargs.get("scaling") or module.scaling
                 if handle.control == "random-attn":
                     if torch.is_grad_enabled() and query.requires_grad:
                         raise ValueError("the random-attn control computes no gradients (its chunked rows would all "
                                          "be kept for backward; step_saliency does not model it): run the model "
                                          "under torch.no_grad() — generate() already does")
-                    out = controls.random_group_attention(query, k_all, v_all, call.kv_start, call.bounds, c.oeb_rule,
+                    out = controls.random_group_attention(query, k_all, v_all, kv_start, bounds, c.oeb_rule,
                                                           c.oeb_strength, c.oeb_tau_max, scaling,
                                                           handle.control_seed, layer)
                 else:
-                    out, _, stats = ops.oeb_attention(query, k_all, v_all, call.kv_start, call.bounds, c.oeb_rule,
-                                                      c.oeb_strength, c.oeb_tau_max, ops.OEB_EPS, scale=scaling)
+                    out, _, stats = ops.oeb_attention(query, k_all, v_all, kv_start, bounds, c.oeb_rule,
+                                                      c.oeb_strength, c.oeb_tau_max, ops.OEB_EPS, sink=sink,
+                                                      window=window, scale=scaling)
                     handle._count("oeb", layer, stats[..., 4].sum())
                 out, weights = out.transpose(1, 2).contiguous(), None
             else:
                 out, weights = inner(module, query, key, value, attention_mask, **kwargs)
             if smi:
                 if handle.control == "random-residual":
-                    out = controls.random_value_injection(out, v_all, call.windows, c.smi_alpha, c.smi_window,
+                    out = controls.random_value_injection(out, v_all, windows, c.smi_alpha, c.smi_window,
                                                           handle.control_seed, layer)
                 else:
-                    out = ops.smi_value(out, v_all, call.windows, c.smi_alpha, c.smi_window)
+                    out = ops.smi_value(out, v_all, windows, c.smi_alpha, c.smi_window)
                 handle._count("smi", layer, (call.windows[..., 0] >= 0).sum())
             return out, weights
         return attention
+
+
+def _layer_view(layer, key, value, call, window):
+    """The keys and values the layer's OEB / SMI read, and the call's kv_start, OEB bounds and SMI
+    windows in the coordinates of those keys. A cache holds every key of the sequence, or (a
+    sliding-window layer's cache: GPT-OSS, Mistral) only the last ones: those keys then stand at
+    positions offset.. of the sequence, and every key a query can see inside the window must be there."""
+    valid = call.valid_length
+    if key.shape[2] >= valid:
+        if key.shape[2] > valid:    # a preallocated (static) cache: its valid part
+            key, value = key[:, :, :valid], value[:, :, :valid]
+        return key, value, call.kv_start, call.bounds, call.windows
+    offset = valid - key.shape[2]
+    if window is None or offset > max(0, call.past - window + 1):
+        raise ValueError(f"layer {layer}'s KV cache holds {key.shape[2]} of the sequence's {valid} keys"
+                         + ("" if window is None else f", fewer than its sliding window of {window} needs")
+                         + ": StepFlow's OEB and SMI layers need every key the layer attends to; use a cache that "
+                         "keeps them or leave the layer out of the config")
+    kv_start = (call.kv_start - offset).clamp_min(0)
+    bounds = torch.where(call.bounds >= 0, (call.bounds - offset).clamp_min(0), call.bounds)
+    windows = call.windows
+    on = windows[..., 0] >= 0
+    if bool((on & (windows[..., 0] < offset)).any()):
+        raise ValueError(f"layer {layer} is a sliding-window layer whose cache no longer holds the previous step's "
+                         f"last tokens that SMI injects (smi_window too large for the window of {window}): leave it "
+                         "out of smi_layers")
+    windows = torch.where(on[..., None], windows - offset, windows)
+    return key, value, kv_start, bounds, windows
 
 
 SEGMENTATION_OPTIONS = ("think_start", "think_end", "steps", "summary_steps", "step_delimiter", "boundary_token_ids",

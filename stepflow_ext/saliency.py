@@ -226,6 +226,9 @@ class _SaliencyCapture:
                 window = kwargs.get("sliding_window")
                 if window is not None and "window" not in extra:
                     extra["window"] = int(window)   # the layer attends to keys j > i - window only
+                sink = getattr(module, "sinks", None)
+                if sink is not None and "sink" not in extra:
+                    extra["sink"] = sink.detach()    # GPT-OSS: per-head sink logits in the softmax denominator
 
                 def on_grad(grad):  # grad at the attention output, (B, T, H, d) as HF returns it
                     grad_out = grad.transpose(1, 2).to(q.dtype)

@@ -1,7 +1,8 @@
 """The float64 oracle of StepFlow at the model level (design.md 2.3 and 2.4).
 
 `reference_logits(model, ids, mask, seg, cfg)` runs a float64 copy of the model whose every
-attention layer is written from stepflow_ext.reference with materialized attention: OEB layers
+attention layer is written from stepflow_ext.reference with materialized attention (with the
+layer's attention-sink logits and sliding window, if it has them: GPT-OSS, Mistral): OEB layers
 run reference.oeb_attention with the bounds of reference.oeb_bounds (a loop over tokens), value
 SMI layers add reference.smi_value over the windows of reference.smi_windows (a loop over
 segments), residual SMI layers apply reference.step_momentum to the decoder layer's output. None of
@@ -32,11 +33,14 @@ def reference_logits(model, ids, mask, seg, cfg, dtype=torch.float64):
     def attention(module, q, k, v, attention_mask, scaling=None, **kwargs):
         layer = module.layer_idx
         scaling = scaling or module.scaling
+        sink = getattr(module, "sinks", None)           # GPT-OSS: per-head sink logits
+        window = kwargs.get("sliding_window")            # a sliding-window layer: keys j > i - window
         if layer in cfg.oeb_layers:
             out, _, _ = reference.oeb_attention(q, k, v, kv_start, bounds, cfg.oeb_rule, cfg.oeb_strength,
-                                                cfg.oeb_tau_max, reference.OEB_EPS, scale=scaling)
+                                                cfg.oeb_tau_max, reference.OEB_EPS, sink=sink, window=window,
+                                                scale=scaling)
         else:
-            a = reference.attention_probs(q, k, scaling, reference.causal_valid_mask(valid, q.shape[2]))
+            a = reference.attention_probs(q, k, scaling, reference.causal_valid_mask(valid, q.shape[2], window), sink)
             out = torch.einsum("bhij,bhjd->bhid", a, reference._expand_kv(v, q.shape[1]))
         if layer in cfg.smi_layers and cfg.smi_rule == "value":
             out = reference.smi_value(out, v, windows, cfg.smi_alpha)

@@ -391,17 +391,30 @@ def test_residual_rollback_past_its_window_raises():
             model(long[:, 21:22], cache=cache, use_cache=True)
 
 
-def test_sliding_window_cache_is_refused():
-    """A sliding-window cache drops old keys: the OEB and SMI layers cannot see them."""
+def test_sliding_window_cache_follows_the_window():
+    """Mistral with a window of 8: its sliding-window cache drops old keys, and the OEB and SMI layers read
+    the keys it keeps (every key inside the window): generate gives the logits of a teacher-forced pass,
+    which equal the float64 oracle (keys j > i - 8 only)."""
     tok = make_tokenizer()
     model = make_model("mistral", sharpen=SHARP)
     model.config.sliding_window = 8
     for layer in model.model.layers:
         layer.self_attn.sliding_window = 8
-    ids, mask = prompts(tok, 1)
-    with torch.no_grad(), sf.replace_attention(model, config(model, PAPER), tokenizer=tok):
-        with pytest.raises(ValueError, match="sliding"):
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0, do_sample=False)
+    ids, mask = prompts(tok, 2)
+    cfg = config(model, PAPER)
+    with torch.no_grad(), sf.replace_attention(model, cfg, tokenizer=tok) as handle:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        assert out.past_key_values.layers[0].keys.shape[2] < 8 < out.sequences.shape[1]   # keys were dropped
+        seg = handle.segmentation(out.sequences)
+        full_mask = torch.cat([mask, torch.ones(2, 12, dtype=mask.dtype)], 1)
+        handle.set_segmentation(seg)
+        full = model(out.sequences, attention_mask=full_mask).logits
+    decoded = torch.stack(out.logits, 1)
+    p = ids.shape[1]
+    torch.testing.assert_close(decoded, full[:, p - 1:-1], atol=1e-4, rtol=1e-4)
+    expected = reference_logits(model, out.sequences, full_mask, seg, cfg)[:, p - 1:-1]
+    torch.testing.assert_close(decoded.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- the tracker alone

@@ -29,10 +29,20 @@ def tiny_traces(count: int = 4, seed: int = 0) -> list[dict]:
     return out
 
 
-def make_tiny_model(directory, layers: int = 4, hidden: int = 64, seed: int = 0) -> list[str]:
-    """A random Qwen2 causal LM and a byte-level BPE tokenizer ("\\n\\n", "<think>", "</think>" tokens,
-    a chat template that opens the thinking) saved in `directory`, plus canned traces. Noise, honestly:
-    the weights are random (attention sharpened so the maps show some structure)."""
+ARCHS = ("qwen2", "gpt_oss")
+
+
+def make_tiny_model(directory, layers: int = 4, hidden: int = 64, seed: int = 0, arch: str = "qwen2") -> list[str]:
+    """A random causal LM and a byte-level BPE tokenizer saved in `directory`, plus canned traces.
+
+    arch "qwen2" (default): a Qwen2 model; the tokenizer has "\\n\\n", "<think>", "</think>" tokens and a
+    chat template that opens the thinking. arch "gpt_oss": a GPT-OSS model (sliding-window / full layers
+    in turn, attention sinks, a few experts) and a harmony-format tokenizer (stepflow_ext.cli.tiny_harmony).
+    Noise, honestly: the weights are random (attention sharpened so the maps show some structure)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "gpt_oss":
+        return _write(directory, *_gpt_oss(layers, hidden, seed))
     import torch
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -63,6 +73,19 @@ def make_tiny_model(directory, layers: int = 4, hidden: int = 64, seed: int = 0)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
+    return _write(directory, model, fast, traces)
+
+
+def _gpt_oss(layers, hidden, seed):
+    from .tiny_harmony import gpt_oss_model, harmony_tokenizer
+
+    tok = harmony_tokenizer()
+    model = gpt_oss_model(len(tok), seed=seed, layers=layers, hidden=hidden, heads=4, kv_heads=2,
+                          head_dim=hidden // 4, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    return model, tok, tiny_traces()
+
+
+def _write(directory, model, fast, traces) -> list[str]:
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
@@ -75,15 +98,18 @@ def make_tiny_model(directory, layers: int = 4, hidden: int = 64, seed: int = 0)
 
 
 def cmd_make_tiny_model(args) -> int:
-    files = make_tiny_model(args.dir, layers=args.layers)
+    files = make_tiny_model(args.dir, layers=args.layers, arch=args.arch)
     print(f"wrote {args.dir}/: {', '.join(files)}")
     return 0
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("make-tiny-model", formatter_class=RAW, help="a random tiny model to try the commands offline",
-                       description="Write a random 4-layer Qwen2 causal LM and a byte-level BPE tokenizer (with a\n"
-                                   "chat template that opens <think>) to DIR, plus DIR/traces.jsonl (canned\n"
+                       description="Write a random 4-layer causal LM and a byte-level BPE tokenizer to DIR: with\n"
+                                   "--arch qwen2 (default) a Qwen2 model and a chat template that opens <think>;\n"
+                                   "with --arch gpt_oss a GPT-OSS model (sliding-window and full layers in turn,\n"
+                                   "attention sinks, 4 experts) and a harmony-format tokenizer (the model writes\n"
+                                   "the <|channel|>analysis / final markers itself). Also DIR/traces.jsonl (canned\n"
                                    "{question, thinking, summary} traces) and DIR/prompts.txt. The weights are\n"
                                    "random: its generations are noise and rarely contain steps or a summary,\n"
                                    "which is why analyze/compare examples use the canned traces.",
@@ -91,4 +117,7 @@ def add_parser(sub) -> None:
                               "--traces tiny/traces.jsonl --out runs/analyze")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--arch", choices=ARCHS, default="qwen2",
+                   help="qwen2 (default: <think> markers) or gpt_oss (harmony channels, attention sinks,\n"
+                        "sliding-window layers)")
     p.set_defaults(func=cmd_make_tiny_model)
