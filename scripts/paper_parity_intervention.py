@@ -21,8 +21,9 @@ per forward after the prompt's prefill, every forward's inputs made by the model
 (c) both, with the paper's hyper-parameters on both sides (tau_max 0.15, eps 1e-6; alpha 0.06,
 window 4) and the same layers: theirs `BridgeGuardOEBWrapper(tok, layers=OEB)` and
 `StepMomentumInjectionWrapper(tok, strength=0.06, window_tokens=4, min_layer=SMI)` (SMI applied
-before OEB, the order of their eval/Math-main/evaluation/math_eval_gptoss.py: the other order loses
-SMI's state, see the note printed), ours `replace_attention(model, StepFlowConfig(oeb_layers=OEB,
+before OEB, the order of their eval/Math-main/evaluation/math_eval_gptoss.py; in the other order the
+OEB listener's patched prepare_inputs_for_generation, called inside SMI's, installs a fresh
+AttentionState without SMI's tracker, and SMI never fires: 0 triggers, measured), ours `replace_attention(model, StepFlowConfig(oeb_layers=OEB,
 oeb_rule="bridge", oeb_tau_max=0.15, smi_layers=(SMI,), smi_rule="value", smi_alpha=0.06,
 smi_window=4), tokenizer=tok, steps="sentence")`.
 
@@ -36,9 +37,26 @@ loaded.
 
 The sequence avoids the deliberate differences of docs/method.md 6.1 and design.md 2.5 where it
 can: batch 1; the prompt ends with `<|start|>assistant`, so the analysis marker is generated (not
-in the prompt); every sentence has >= 15 characters and no '.' inside; OEB and SMI default to
-full-attention layers (on a sliding layer whose window binds, their masks, built over absolute
-positions, are cut to the cache's shorter key axis, [..., :seq_len], and misalign).
+in the prompt; their OEB also fails on a multi-token prefill whose last token is in a channel:
+its per-query shifts broadcast to a 5-D tensor and raise); every sentence has >= 15 characters and no '.' inside; OEB and SMI default to
+full-attention layers: on a sliding layer whose window binds, with the cache generate() builds
+(--cache window), their OEB compares the query's absolute position with the cache's shorter key
+axis and returns the logits unchanged once it is past it (their masks are cut with [..., :seq_len]),
+so it stops firing there; --cache full keeps every key and lets both sides run OEB on a sliding layer.
+
+Driving their code: their listeners decide "new sequence" from model_kwargs["past_key_values"]
+(transformers < 5). Transformers 5's generate() passes cache= instead, so under it their trackers
+restart at every step (stats reset, SMI never sees a step close); this script passes
+past_key_values= (and next_sequence_length=1) to prepare_inputs_for_generation, as their
+transformers' generate did. Measured (seed 0, defaults: OEB layer 1, SMI layer 3, both full
+attention): logits within 5.3e-7 (OEB, OEB+SMI) and 0 (SMI alone, bitwise); triggers OEB 44 / 44,
+SMI 4 / 4 (theirs / ours). Deliberate differences that remain reachable: OEB on a sliding layer
+(--oeb-layers 0): with --cache window theirs fires 0 times (see above), with --cache full theirs
+also fires on queries whose window holds no bridge key (p_B = 0 over keys the window masks:
+lambda_B = log(0.15 / 1e-6) = 11.9 lands on masked logits, lambda_S = log(0.85) pushes the window's
+keys down against the sink); here the masses are over the keys inside the window and such a
+bridge is empty, so OEB does not act (design.md 2.5). Batches, prompt thinking and bf16 (method.md
+6.1) are not exercised.
 Never run in CI; the authors' code is never vendored.
 """
 from __future__ import annotations
@@ -109,12 +127,13 @@ def sequence(tok):
 
 
 @torch.no_grad()
-def decode(model, ids, prompt_len):
+def decode(model, ids, prompt_len, full_cache=False):
     """Logits (T - P + 1, V) of the prefill's last position and of each teacher-forced decode step, every
     forward's inputs from the model's (possibly patched) prepare_inputs_for_generation, as generate() does."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    # With the config (what generate() builds), sliding layers keep only the last window - 1 keys.
+    cache = DynamicCache() if full_cache else DynamicCache(config=model.config)
     out = []
     for t in range(prompt_len, ids.shape[1] + 1):
         # past_key_values=, as generate() passed it in the transformers their code was written for (their
@@ -129,7 +148,7 @@ def decode(model, ids, prompt_len):
     return torch.stack(out)
 
 
-def run_theirs(authors, model, tok, ids, prompt_len, mode, oeb_layers, smi_layer):
+def run_theirs(authors, model, tok, ids, prompt_len, mode, oeb_layers, smi_layer, full_cache):
     model = copy.deepcopy(model)
     wrappers = []
     # SMI before OEB, as their math_eval_gptoss.py. min_layer is passed: the SMI wrapper hands its own
@@ -142,7 +161,7 @@ def run_theirs(authors, model, tok, ids, prompt_len, mode, oeb_layers, smi_layer
     for w in wrappers:
         w.apply(model)
     try:
-        logits = decode(model, ids, prompt_len)
+        logits = decode(model, ids, prompt_len, full_cache)
         stats = {("oeb" if isinstance(w, authors.OEB) else "smi"): w.collect_stats() for w in wrappers}
     finally:
         for w in reversed(wrappers):
@@ -152,7 +171,7 @@ def run_theirs(authors, model, tok, ids, prompt_len, mode, oeb_layers, smi_layer
     return logits, stats
 
 
-def run_ours(model, tok, ids, prompt_len, mode, oeb_layers, smi_layer):
+def run_ours(model, tok, ids, prompt_len, mode, oeb_layers, smi_layer, full_cache):
     import stepflow_ext as sf
 
     model = copy.deepcopy(model)
@@ -161,12 +180,11 @@ def run_ours(model, tok, ids, prompt_len, mode, oeb_layers, smi_layer):
                             smi_window=WINDOW)
     handle = sf.replace_attention(model, cfg, tokenizer=tok, steps="sentence")
     try:
-        logits = decode(model, ids, prompt_len)
+        logits = decode(model, ids, prompt_len, full_cache)
         counts = handle.trigger_counts()
-        seg = handle.segmentation(ids) if hasattr(handle, "segmentation") else None
     finally:
         handle.restore()
-    return logits, counts, seg
+    return logits, counts
 
 
 def rel_err(mine, ref):
@@ -190,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--sharpen", type=float, default=3.0, metavar="S",
                    help="q/k projection scale (default 3: peaked attention, so that OEB fires)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the weights (default 0)")
+    p.add_argument("--cache", choices=("window", "full"), default="window",
+                   help="window (default): DynamicCache(config=...), as generate() builds it, sliding layers keeping "
+                        "their last window-1 keys; full: DynamicCache() keeping every key on every layer")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative error accepted (default 1e-4)")
     p.add_argument("--show", action="store_true", help="print the tokens and the per-position errors")
     args = p.parse_args(argv)
@@ -210,17 +231,18 @@ def main(argv=None) -> int:
           f"{ids.shape[1] - prompt_len} decode steps after the prefill")
     print(f"OEB layers {list(oeb_layers)} (tau_max {TAU_MAX}), SMI layer {smi_layer} (alpha {ALPHA}, window {WINDOW})")
     for layer in list(oeb_layers) + [smi_layer]:
-        if types_[layer] == "sliding_attention" and ids.shape[1] >= args.window:
+        if types_[layer] == "sliding_attention" and ids.shape[1] >= args.window and args.cache == "window":
             print(f"note: layer {layer} is a sliding layer whose window binds: their masks are cut to the "
                   f"cache's key axis ([..., :seq_len]) and misalign with the absolute positions there")
     if args.show:
         pieces = [tok.decode([i]) for i in ids[0].tolist()]
         print("tokens: " + " ".join(f"{i}:{s!r}" for i, s in enumerate(pieces)))
-    plain = decode(copy.deepcopy(model), ids, prompt_len)
+    full = args.cache == "full"
+    plain = decode(copy.deepcopy(model), ids, prompt_len, full)
     worst, rows = 0.0, []
     for mode in (("oeb",), ("smi",), ("oeb", "smi")):
-        theirs, stats = run_theirs(authors, model, tok, ids, prompt_len, mode, oeb_layers, smi_layer)
-        mine, counts, _ = run_ours(model, tok, ids, prompt_len, mode, oeb_layers, smi_layer)
+        theirs, stats = run_theirs(authors, model, tok, ids, prompt_len, mode, oeb_layers, smi_layer, full)
+        mine, counts = run_ours(model, tok, ids, prompt_len, mode, oeb_layers, smi_layer, full)
         err, at = rel_err(mine, theirs)
         moved, _ = rel_err(theirs, plain)
         worst = max(worst, err)
