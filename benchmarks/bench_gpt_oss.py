@@ -3,14 +3,15 @@
 Model: GptOssConfig with 64 query heads, 8 kv heads, head_dim 64 (GPT-OSS 20B's attention), hidden 512,
 2 layers (sliding_attention with window 128, then full_attention), 4 experts (top-2, intermediate 256,
 eager experts), vocab 2000, random weights with sink logits drawn from N(1, 1), fp32, B = 1. GPT-OSS has
-no SDPA path in transformers, so its attention is the model's own eager attention (it does build the
-(H, T, T) probabilities, saved for backward); step_saliency's own kernel is step_saliency_pool, which
-pools A * dL/dA per step pair without building a T x T matrix.
+no SDPA path in transformers (its attention is eager, building the (H, T, T) probabilities and a 4D
+mask); under step_saliency every layer attends through the project's kernel instead (oeb_attention with
+no row intervened, sinks and windows; no 4D mask), and step_saliency_pool pools A * dL/dA per step pair,
+so nothing of size T x T is built.
 
 Cases, at T = 512, 1024, 2048 (STEPFLOW_BENCH_T overrides), one fresh subprocess per case:
 - step_saliency: sf.step_saliency(model, ids, seg, preset="paper");
 - fwd_bwd: exactly what step_saliency runs minus the saliency capture: frozen weights, embeddings as the
-  leaf, model.base_model(...) with the same attention function, the same loss (preset "paper": every
+  leaf, model.base_model(...) through the same fused attention kernel (no 4D mask), the same loss (preset "paper": every
   token after the first, mean NLL, sf.saliency._nll) and backward;
 - eager: the authors' way: attn_implementation="eager", output_attentions=True, retain_grad on every
   layer's attention probabilities, backward, then pool mean_h |A * dL/dA| to step pairs.
@@ -86,11 +87,17 @@ def fwd_bwd(model, ids, seg):
     targets = sf.saliency.target_mask(seg, "all")
     weights = torch.full((ids.shape[0],), 1.0 / float(targets.sum()))
     mask = (seg.seg_ids >= 0).long()
-    with sf.saliency._frozen(model, False), torch.enable_grad():
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-        loss = sf.saliency._nll(model, hidden, ids, targets, weights, 1024)
-        loss.backward()
+    installed = sf.hf.Installed.on(model)
+    token = installed.push(lambda inner: inner)      # the attention step_saliency runs, without its capture
+    try:
+        with sf.saliency._frozen(model, False), sf.saliency._fused(model, installed, seg.seg_ids), \
+                torch.enable_grad():
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+            loss = sf.saliency._nll(model, hidden, ids, targets, weights, 1024)
+            loss.backward()
+    finally:
+        installed.pop(token)
     return float(loss.detach())
 
 

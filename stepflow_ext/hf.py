@@ -9,6 +9,7 @@ original's, so those layers get the mask format they expect.
 """
 from __future__ import annotations
 
+import contextvars
 import sys
 from typing import Callable
 
@@ -19,6 +20,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 PREFIX = "stepflow:"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt_oss")
+
+
+# True while step_saliency drives a model whose every attention call runs the project's fused kernel
+# (`fused_attention`): the 4D mask transformers would build for eager attention, (B, 1, T, T) per
+# layer type, is then the one T x T tensor left, and nobody reads it.
+SKIP_MASK = contextvars.ContextVar("stepflow_skip_mask", default=False)
 
 
 def _dispatch(module, query, key, value, attention_mask, **kwargs):
@@ -73,6 +80,23 @@ def _original_function(model, name: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+def _with_mask_skip(mask_function: Callable) -> Callable:
+    def mask(*args, **kwargs):
+        return None if SKIP_MASK.get() else mask_function(*args, **kwargs)
+    return mask
+
+
+def _with_fused(eager: Callable) -> Callable:
+    """The model's eager attention, or the module's `_stepflow_fused` function while one is set
+    (step_saliency on GPT-OSS, whose transformers implementation has no SDPA path)."""
+    def original(module, query, key, value, attention_mask, **kwargs):
+        fused = getattr(module, "_stepflow_fused", None)
+        if fused is None:
+            return eager(module, query, key, value, attention_mask, **kwargs)
+        return fused(module, query, key, value, **kwargs)
+    return original
+
+
 def _set_implementation(model, name: str) -> None:
     for config in {id(c): c for c in (model.config, text_config(model))}.values():
         config._attn_implementation = name
@@ -93,10 +117,14 @@ class Installed:
         if self.original_name.startswith(PREFIX):
             raise RuntimeError("model already has stepflow attention installed")
         self.original = _original_function(model, self.original_name)
+        # Eager attention can hand over to the fused kernel (step_saliency does, on GPT-OSS).
+        self.fusable = self.original_name == "eager"
+        if self.fusable:
+            self.original = _with_fused(self.original)
         self.name = PREFIX + self.original_name
         AttentionInterface.register(self.name, _dispatch)
         mask_name = "eager" if self.original_name not in ALL_MASK_ATTENTION_FUNCTIONS else self.original_name
-        ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS[mask_name])
+        ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, _with_mask_skip(ALL_MASK_ATTENTION_FUNCTIONS[mask_name]))
         self.stack: list[object] = []
 
     @classmethod

@@ -241,6 +241,46 @@ class _SaliencyCapture:
         return attention
 
 
+def _fused_attention(kv_start):
+    """The attention of an eager model under step_saliency, without a T x T matrix: the project's
+    kernel with no row intervened (bounds (-1, -1)), the layer's sink logits (GPT-OSS) and sliding
+    window; kv_start (B,) is each row's first real token (the segmentation's padding)."""
+    def attention(module, query, key, value, **kwargs):
+        batch, _, length, _ = query.shape
+        bounds = torch.full((batch, length, 2), -1, dtype=torch.long, device=query.device)
+        window = kwargs.get("sliding_window")
+        out, _, _ = ops.oeb_attention(query, key, value, kv_start, bounds, sink=getattr(module, "sinks", None),
+                                      window=None if window is None else int(window),
+                                      scale=kwargs.get("scaling") or module.scaling)
+        return out.transpose(1, 2).contiguous(), None
+    return attention
+
+
+@contextlib.contextmanager
+def _fused(model, installed, seg_ids):
+    """Eager models (GPT-OSS has no SDPA path in transformers) attend through _fused_attention and
+    get no 4D mask: nothing of size T x T is built. Rows must hold one run of real tokens."""
+    if not installed.fusable:
+        yield
+        return
+    valid = seg_ids >= 0
+    kv_start = torch.where(valid.any(1), valid.long().argmax(1), valid.shape[1])
+    runs = (valid[:, 1:] != valid[:, :-1]).sum(1) + (~valid[:, 0]).long()
+    if bool((runs > 2).any()):
+        raise ValueError("step_saliency on an eager-attention model needs one contiguous run of real tokens per row "
+                         "(left or right padding)")
+    modules = hf.attention_modules(model)
+    token = hf.SKIP_MASK.set(True)
+    try:
+        for module in modules:
+            module._stepflow_fused = _fused_attention(kv_start)
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("_stepflow_fused", None)
+        hf.SKIP_MASK.reset(token)
+
+
 @contextlib.contextmanager
 def _frozen(model, checkpoint_layers: bool):
     """Eval mode, no weight gradients, optional layer checkpointing; all restored on exit."""
@@ -352,7 +392,7 @@ def step_saliency(model, input_ids, segmentation: Segmentation, target=None, hea
     try:
         if handle is not None:
             handle.set_segmentation(segmentation.to(device))
-        with _frozen(model, gradient_checkpointing), torch.enable_grad():
+        with _frozen(model, gradient_checkpointing), _fused(model, installed, seg_ids), torch.enable_grad():
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             out = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
             loss = _nll(model, out.last_hidden_state, input_ids, targets.to(device),

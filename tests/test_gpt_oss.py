@@ -63,6 +63,39 @@ def test_step_saliency_equals_materialized_with_sinks_and_windows():
     assert float((no_sink - got).abs().max()) > 1e-3 * float(got.abs().max())
 
 
+def test_step_saliency_builds_no_t_by_t_tensor():
+    """On GPT-OSS (eager attention in transformers) step_saliency attends through the project's kernel
+    and skips the 4D mask: no tensor with two trailing dims of length T is made, forward or backward,
+    and the model's eager attention is never called. The same model without the fused path (plain
+    eager forward) does make them, so the check can fail."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from stepflow_ext import hf
+
+    class SquareShapes(TorchDispatchMode):
+        def __init__(self, t):
+            super().__init__()
+            self.t, self.seen = t, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-1] == x.shape[-2] == self.t:
+                    self.seen.append((str(func), tuple(x.shape)))
+            return out
+
+    model = fx.model(seed=5)
+    ids, mask, seg = _saliency_batch(model)
+    t = ids.shape[1]
+    assert hf.text_config(model)._attn_implementation == "eager"
+    with SquareShapes(t) as spy:
+        sf.step_saliency(model, ids, seg, preset="paper", attention_mask=mask)
+    assert spy.seen == [], spy.seen[:5]
+    assert hf.text_config(model)._attn_implementation == "eager"       # restored
+    with SquareShapes(t) as spy, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert spy.seen, "the eager forward made no T x T tensor: this test could not fail"
+
+
 def test_step_saliency_per_layer_equals_reference():
     """Each layer's raw map (default loss and heads) equals reference.step_saliency_pool on the layer's
     own q, k, v, output gradient, sink logits and window (float64 model)."""
