@@ -61,15 +61,10 @@ def gpt_oss_20b_heads(layers=2):
 
 
 def trace(t):
-    """Question 10%, steps of ~80 tokens, summary 10% (as bench_model.py)."""
-    import stepflow_ext as sf
+    """Question 10%, steps of ~80 tokens, summary 10%: bench_model.py's trace."""
+    from benchmarks.bench_model import trace as model_trace
 
-    q, s = max(1, t // 10), max(1, t // 10)
-    steps = [80] * ((t - q - s) // 80)
-    steps[-1] += t - q - s - sum(steps)
-    lengths = [q] + steps + [s]
-    kinds = ["question"] + ["step"] * len(steps) + ["summary"]
-    return sf.Segmentation.from_lengths([lengths], kinds=[kinds])
+    return model_trace(t)
 
 
 def step_saliency(model, ids, seg):

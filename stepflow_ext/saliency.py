@@ -21,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import hf, ops
+from .intervention_state import padding_of
 from .segment import Segmentation
 
 TARGETS = ("all", "summary", "thinking", "generated")
@@ -263,12 +264,8 @@ def _fused(model, installed, seg_ids):
     if not installed.fusable:
         yield
         return
-    valid = seg_ids >= 0
-    kv_start = torch.where(valid.any(1), valid.long().argmax(1), valid.shape[1])
-    runs = (valid[:, 1:] != valid[:, :-1]).sum(1) + (~valid[:, 0]).long()
-    if bool((runs > 2).any()):
-        raise ValueError("step_saliency on an eager-attention model needs one contiguous run of real tokens per row "
-                         "(left or right padding)")
+    kv_start, _ = padding_of(seg_ids >= 0, *seg_ids.shape, allow_empty=True)
+    kv_start = kv_start.to(seg_ids.device)
     modules = hf.attention_modules(model)
     token = hf.SKIP_MASK.set(True)
     try:
