@@ -43,10 +43,10 @@ def padding_of(attention_mask, batch, length, allow_empty=False):
     if tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {length})")
     mask = attention_mask.to("cpu", torch.bool)
-    # A valid mask is 0..0 1..1 0..0 per row: one contiguous run of real tokens.
-    changes = (mask[:, 1:] != mask[:, :-1]).sum(dim=1) + mask[:, 0].logical_not().long()
-    empty = mask.sum(1) == 0
-    if bool((changes > 2).any()) or (bool(empty.any()) and not allow_empty):
+    # A valid mask is 0..0 1..1 0..0 per row: one contiguous run of real tokens (counted by its starts).
+    runs = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(dim=1)
+    empty = runs == 0
+    if bool((runs > 1).any()) or (bool(empty.any()) and not allow_empty):
         raise ValueError("attention_mask must mark one contiguous run of tokens per row (left or right padding)")
     kv_start = torch.where(empty, length, mask.long().argmax(dim=1))
     return kv_start, bool((kv_start > 0).any())

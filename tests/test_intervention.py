@@ -381,3 +381,33 @@ def test_config_json_round_trip_old_configs_and_errors(tmp_path):
     for kw in bad:
         with pytest.raises(ValueError, match=next(iter(kw)).split("_")[0]):
             sf.StepFlowConfig(**kw)
+
+
+def test_padding_of_accepts_one_run_per_row_and_refuses_holes():
+    """padding_of: a row is 0..0 1..1 0..0 (left and/or right padding); a hole in the real tokens
+    (which the kernels would attend) is a ValueError, as is an empty row unless allow_empty."""
+    from stepflow_ext.intervention_state import padding_of
+
+    ok = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]])
+    kv_start, left = padding_of(ok, 4, 6)
+    assert kv_start.tolist() == [0, 2, 0, 2] and left
+    assert padding_of(ok[:1], 1, 6)[1] is False
+    for hole in ([1, 1, 0, 0, 1, 1], [0, 1, 0, 1, 1, 1], [1, 0, 1, 0, 1, 0]):
+        with pytest.raises(ValueError, match="one contiguous run"):
+            padding_of(torch.tensor([hole]), 1, 6)
+    empty = torch.tensor([[1, 1, 1], [0, 0, 0]])
+    with pytest.raises(ValueError, match="one contiguous run"):
+        padding_of(empty, 2, 3)
+    assert padding_of(empty, 2, 3, allow_empty=True)[0].tolist() == [0, 3]
+
+
+def test_step_saliency_on_an_eager_model_refuses_a_hole():
+    """The fused attention of step_saliency (eager models) reads each row's padding with padding_of:
+    a segmentation whose real tokens have a hole is a ValueError, not a silently different map."""
+    import gpt_oss_fixture as fx
+
+    model = fx.model(seed=1)
+    seg = sf.Segmentation(torch.tensor([[0, 0, 0, 1, 1, -1, -1, 1, 2, 2, 2, 2]]),
+                          kinds=[["question", "step", "summary"]])
+    with pytest.raises(ValueError, match="one contiguous run"):
+        sf.step_saliency(model, torch.randint(5, 100, (1, 12)), seg, preset="paper")
