@@ -287,8 +287,11 @@ def add_parser(sub) -> None:
                               "  echo '{\"oeb_layers\": [0, 1], \"smi_layers\": [2, 3]}' > stepflow.json\n"
                               "  stepflow compare --model tiny --traces tiny/traces.jsonl --stepflow stepflow.json "
                               "--out runs/compare\n\n"
-                              "StepFlow config: JSON with oeb_layers, oeb_strength (0..1), num_sink, smi_layers,\n"
-                              "smi_beta (0..1), smi_gamma (>= 0); missing fields take StepFlowConfig's defaults.\n\n"
+                              "StepFlow config: JSON with oeb_layers, oeb_rule (bridge: the paper's; odds),\n"
+                              "oeb_tau_max (bridge), oeb_strength and num_sink (odds), smi_layers, smi_rule (value:\n"
+                              "the paper's; residual), smi_alpha and smi_window (value), smi_beta and smi_gamma\n"
+                              "(residual); missing fields take StepFlowConfig's defaults (the paper's rules; a file\n"
+                              "with odds/residual fields and no rule fields loads as those rules, with a warning).\n\n"
                               + TRACE_FORMATS)
     model_options(p)
     analysis_options(p)
