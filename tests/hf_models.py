@@ -75,3 +75,16 @@ def model(arch: str, attn: str = "sdpa", dtype=torch.float32, seed: int = 0, sha
                     if norm is not None:
                         norm.weight.mul_(sharpen ** 0.5)  # q.k grows by sharpen, as for the others
     return m.eval()
+
+
+def left_padded_batch(tok, prompts, trace="", **segment_kwargs):
+    """The prompts (each + `trace`), left padded to one width: (ids, mask, segmentation), the
+    segmentation from stepflow_ext.segment with each prompt's length as its question."""
+    import stepflow_ext as sf
+
+    rows = [tok(p + trace)["input_ids"] for p in prompts]
+    prompt_lens = [len(tok(p)["input_ids"]) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask, sf.segment(ids, prompt_lens, tokenizer=tok, attention_mask=mask, **segment_kwargs)

@@ -9,6 +9,7 @@ import transformers
 import stepflow_ext as sf
 from stepflow_ext import cli
 import gpt_oss_fixture as fx
+from hf_models import left_padded_batch
 
 
 def test_fixture_has_sinks_windows_and_harmony_tokens(tmp_path):
@@ -141,13 +142,7 @@ SHARP = 3.0   # peaky attention: the bridge rule fires on this random model (as 
 
 def batch(tok, with_trace=True):
     """The two harmony prompts (+ the trace the model writes), left padded, and their segmentation."""
-    rows = [tok(p + (fx.TRACE if with_trace else ""))["input_ids"] for p in fx.PROMPTS]
-    prompt_lens = [len(tok(p)["input_ids"]) for p in fx.PROMPTS]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    seg = sf.segment(ids, prompt_lens, tokenizer=tok, attention_mask=mask)   # harmony markers ("auto")
-    return ids, mask, seg
+    return left_padded_batch(tok, fx.PROMPTS, fx.TRACE if with_trace else "")
 
 
 def paper_config(model, parts="both"):

@@ -13,7 +13,7 @@ import transformers
 
 import stepflow_ext as sf
 from stepflow_ext import reference
-from hf_models import ARCHITECTURES, model as make_model, tokenizer as make_tokenizer
+from hf_models import ARCHITECTURES, left_padded_batch, model as make_model, tokenizer as make_tokenizer
 from stepflow_oracle import reference_logits
 
 PROMPTS = ["Question: what is 12 + 7? <think>", "Let x = 3. Then 2x + 1 = 7? Answer step by step. <think>"]
@@ -28,13 +28,7 @@ EARLIER = "earlier"
 
 def batch(tok, with_trace=True):
     """Two prompts of different lengths (+ the same trace), left padded, and their segmentation."""
-    rows = [tok(p + (TRACE if with_trace else ""))["input_ids"] for p in PROMPTS]
-    prompt_lens = [len(tok(p)["input_ids"]) for p in PROMPTS]
-    width = max(map(len, rows))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    seg = sf.segment(ids, prompt_lens, tokenizer=tok, attention_mask=mask)
-    return ids, mask, seg
+    return left_padded_batch(tok, PROMPTS, TRACE if with_trace else "")
 
 
 def config(model, rules, parts="both"):
