@@ -30,6 +30,7 @@ LAYERS = [  # the lines of README, "Where things live"
      "stepflow_ext.segment_tracker", "stepflow_ext.config", "stepflow_ext.controls"),
     ("stepflow_ext.saliency", "stepflow_ext.intervention", "stepflow_ext.intervention_state", "stepflow_ext"),
     ("stepflow_ext.report", "stepflow_ext.plot", "stepflow_ext.plot_core"),
+    ("stepflow_ext.vllm", "stepflow_ext.vllm.*"),
     ("stepflow_ext.eval", "stepflow_ext.eval.*"),
     ("stepflow_ext.demo",),
     ("stepflow_ext.cli", "stepflow_ext.cli.*"),
@@ -183,6 +184,25 @@ def test_each_command_has_its_module():
         assert importlib.import_module(module.__name__) is module
 
 
+def _imports_vllm(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import) and any(a.name == "vllm" or a.name.startswith("vllm.") for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "vllm":
+            return True
+    return False
+
+
+def test_only_the_plugin_imports_vllm():
+    """vLLM is optional: only stepflow_ext.vllm's modules import it (docs/vllm.md)."""
+    users = sorted(n for n, path in MODULES.items() if path is not None and _imports_vllm(path))
+    assert users and all(n.startswith("stepflow_ext.vllm.") for n in users), users
+
+
+# Modules that import vLLM at module level: imported alone only where vLLM is installed.
+NEEDS_VLLM = {"stepflow_ext.vllm.backend"}
+
+
 # Imported once before the forks: third-party packages only, so each child still imports every project
 # module it needs itself, in the order that module's own imports ask for.
 PRELOAD = ("torch", "numpy", "transformers", "transformers.masking_utils", "transformers.modeling_utils")
@@ -212,7 +232,10 @@ print(" ".join(failed))
 def test_each_module_imports_alone():
     """Every module imported first, in a process that has imported no other module of the project
     (a fork of one that preloaded torch and transformers, to keep this fast)."""
-    names = sorted(n for n in MODULES if n not in EXTENSIONS and not n.endswith("__main__"))
+    import importlib.util
+
+    skip = NEEDS_VLLM if importlib.util.find_spec("vllm") is None else set()
+    names = sorted(n for n in MODULES if n not in EXTENSIONS and not n.endswith("__main__") and n not in skip)
     run = subprocess.run([sys.executable, "-c", ALONE.format(preload=PRELOAD), *names], cwd=ROOT, capture_output=True,
                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "parallel.h"
 
 namespace stepflow {
 namespace {
@@ -247,7 +248,7 @@ void forward_impl(const Problem& P, const Tensor& q, const Tensor& k, const Tens
   const int64_t nqb = (P.Tq + kBlockQ - 1) / kBlockQ;
   // Tasks are head-major (block fastest) so a static split gives each thread whole heads,
   // which balances the causal triangle.
-  at::parallel_for(0, P.B * P.H * nqb, 1, [&](int64_t begin, int64_t end) {
+  stepflow::parallel_for(0, P.B * P.H * nqb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, b = bh / P.H, h = bh % P.H, hk = h / P.G;
       const int64_t i0 = (t % nqb) * kBlockQ, nr = std::min(kBlockQ, P.Tq - i0);
@@ -297,7 +298,7 @@ template <typename acc_t>
 void backward_rows(const Problem& P, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                    Tensor& dq, acc_t* rows) {
   const int64_t nqb = (P.Tq + kBlockQ - 1) / kBlockQ;
-  at::parallel_for(0, P.B * P.H * nqb, 1, [&](int64_t begin, int64_t end) {
+  stepflow::parallel_for(0, P.B * P.H * nqb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / nqb, b = bh / P.H, h = bh % P.H, hk = h / P.G;
       const int64_t i0 = (t % nqb) * kBlockQ, nr = std::min(kBlockQ, P.Tq - i0);
@@ -357,7 +358,7 @@ void backward_keys(const Problem& P, const Tensor& dout, const Tensor& q, const 
                    Tensor& dk, Tensor& dv, const acc_t* rows) {
   const int64_t nkb = (P.Tk + kBlockK - 1) / kBlockK;
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, P.B * P.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+  stepflow::parallel_for(0, P.B * P.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bk = t / nkb, b = bk / P.Hkv, hk = bk % P.Hkv;
       const int64_t j0 = std::max((t % nkb) * kBlockK, P.kv[b]), j1 = std::min((t % nkb + 1) * kBlockK, P.Tk);

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "parallel.h"
 
 namespace stepflow {
 namespace {
@@ -182,7 +183,7 @@ void run_chunk(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor&
   const int64_t slices = std::clamp<int64_t>(ceil_div(at::get_num_threads(), std::max<int64_t>(b, 1)), 1,
                                              std::max<int64_t>(1, ceil_div(d, kMinDSlice)));
   const int64_t slice_len = ceil_div(ceil_div(d, slices), 16) * 16;
-  at::parallel_for(0, b * slices, ceil_div(kGrainElements, std::max<int64_t>(1, t * slice_len)),
+  stepflow::parallel_for(0, b * slices, ceil_div(kGrainElements, std::max<int64_t>(1, t * slice_len)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t r = w / slices, d0 = std::min(d, (w % slices) * slice_len), d1 = std::min(d, d0 + slice_len);
@@ -202,7 +203,7 @@ void run_chunk(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor&
   int64_t versions = 0;
   for (const RowPlan& p : plans) versions += p.fold_slot.size() + 1;
   const int64_t row_work = std::max<int64_t>(1, d * versions / std::max<int64_t>(b, 1));
-  at::parallel_for(0, b, ceil_div(kGrainElements, row_work), [&](int64_t begin, int64_t end) {
+  stepflow::parallel_for(0, b, ceil_div(kGrainElements, row_work), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const RowPlan& p = plans[r];
       acc_t* m = moms[r].data();
@@ -225,7 +226,7 @@ void run_chunk(const at::Tensor& h, const at::Tensor& seg_ids, const at::Tensor&
 
   // apply: tokens are independent now
   const acc_t gamma_a = static_cast<acc_t>(gamma);
-  at::parallel_for(0, b * t, ceil_div(kGrainElements, std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+  stepflow::parallel_for(0, b * t, ceil_div(kGrainElements, std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t r = w / t, i = w % t;
       const scalar_t* x = hp + w * d;

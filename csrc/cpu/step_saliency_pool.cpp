@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "parallel.h"
 
 namespace stepflow {
 namespace {
@@ -343,7 +344,7 @@ at::Tensor saliency_maps(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
   // One index per worker; each worker pulls tasks until none are left. If this runs nested
   // in a parallel region (single-threaded), worker 0 simply does everything.
-  at::parallel_for(0, num_workers, 1, [&](int64_t w0, int64_t w1) {
+  stepflow::parallel_for(0, num_workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) worker(w);
   });
   return maps.sum(0);

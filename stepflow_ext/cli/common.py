@@ -56,7 +56,7 @@ def load_config(path, model):
 
     try:
         cfg = StepFlowConfig.from_json(path)
-        cfg.check_layers(hf.num_layers(model))
+        cfg.check_layers(model.num_layers if hasattr(model, "num_layers") else hf.num_layers(model))
     except OSError as e:
         raise UsageError(f"cannot read the StepFlow config {path!r}: {e}") from None
     except ValueError as e:
@@ -101,6 +101,59 @@ def model_options(p, model_required=True):
                    help="the paragraph delimiter, backslash escapes allowed (default: '\\n\\n')")
     s.add_argument("--no-chat-template", action="store_true",
                    help="use questions as plain text instead of applying the tokenizer's chat template")
+
+
+def engine_options(p):
+    """--engine and what vLLM takes (stepflow_ext.vllm.engine; docs/vllm.md)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+                   help="hf (default): transformers' generate with replace_attention; vllm: vLLM with the StepFlow "
+                        "plugin (paged KV cache, continuous batching; vLLM must be installed, docs/vllm.md)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help="vLLM: GPUs per model (default 1)")
+    g.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                   help="vLLM: model replicas (default 1)")
+    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="vLLM: longest prompt + completion (default: the model's)")
+
+
+def vllm_generator(args, tok, settings, eos, config):
+    """The VLLMGenerator of --engine vllm (UsageError when vLLM is missing or refuses the options)."""
+    from ..vllm.engine import VLLMGenerator
+
+    for name in ("tensor_parallel_size", "data_parallel_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        return VLLMGenerator(args.model, tok, settings, eos, config, dtype=DTYPES[args.dtype],
+                             tensor_parallel_size=args.tensor_parallel_size,
+                             data_parallel_size=args.data_parallel_size, max_model_len=args.max_model_len,
+                             trust_remote_code=bool(args.trust_remote_code))
+    except ValueError as e:
+        raise UsageError(f"--engine vllm: {e}") from None
+
+
+def served_model(args):
+    """(tokenizer, config-only model) for --engine vllm: the tokenizer and Hugging Face config, no weights
+    (vLLM loads those); the config-only model has .config and .generation_config for eos_ids and the
+    StepFlow config's layer check."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    kwargs = {"trust_remote_code": bool(args.trust_remote_code)}
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model, **kwargs)
+        config = AutoConfig.from_pretrained(args.model, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise UsageError(f"cannot load the tokenizer or config of {args.model!r}: {e}") from None
+    try:
+        generation = GenerationConfig.from_pretrained(args.model)
+    except OSError:
+        generation = None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return tok, SimpleNamespace(config=config, generation_config=generation, num_layers=int(text.num_hidden_layers))
 
 
 def exit_status(errors, what="trace") -> int:

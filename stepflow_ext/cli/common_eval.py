@@ -45,7 +45,7 @@ def stepflow_config(spec, model):
     if spec is None or spec.lower() == "none":
         return None
     if spec.lower() == "default":
-        return StepFlowConfig.default_for(model)
+        return StepFlowConfig.default_for(model.num_layers if hasattr(model, "num_layers") else model)
     return load_config(spec, model)
 
 
@@ -74,7 +74,8 @@ def eval_settings(args, data, task, stepflow=None, control=None) -> EvalSettings
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                         chat_template=not args.no_chat_template, instruction=args.instruction,
                         **segmentation_options(args), dtype=args.dtype,
-                        completions_from=getattr(args, "completions_from", None), data_sha256=file_sha256(data))
+                        completions_from=getattr(args, "completions_from", None), data_sha256=file_sha256(data),
+                        engine=getattr(args, "engine", "hf"))
 
 
 def setup(args):

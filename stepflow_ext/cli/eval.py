@@ -8,7 +8,8 @@ from __future__ import annotations
 from ..config import CONTROLS
 from ..eval.run import evaluate, read_failures, report_failures
 from ..eval.runner import CompletionsFile
-from .common import RAW, UsageError, err, model_options
+from ..traces import eos_ids
+from .common import RAW, UsageError, engine_options, err, model_options, served_model, vllm_generator
 from .common_eval import (eval_settings, generation_options, grade_limits, load_data, load_model_for_eval, setup,
                           stepflow_config)
 
@@ -51,11 +52,23 @@ def cmd_eval(args) -> int:
             completions = CompletionsFile(args.completions_from)
         except (OSError, ValueError) as e:
             raise UsageError(f"--completions-from: {e}") from None
+    vllm = args.engine == "vllm" and completions is None
+    if vllm and control is not None:
+        raise UsageError("--control is not available with --engine vllm yet: use --engine hf")
+    if vllm and getattr(args, "device_map", None):
+        raise UsageError("--device-map is for the HF engine; vLLM spreads a model with --tensor-parallel-size")
     items, data_errors = load_data(args.data, args.task, args.limit)
     job, device = setup(args)
+    generator = None
     try:
+        if vllm and job.world > 1:
+            raise UsageError("--engine vllm runs in one process (vLLM starts its own workers): use "
+                             "--data-parallel-size / --tensor-parallel-size instead of torchrun")
         if completions is not None:
             tok, model, config = load_tokenizer(args), None, None
+        elif vllm:
+            tok, model = served_model(args)
+            config = stepflow_config(args.stepflow, model)
         else:
             tok, model = load_model_for_eval(args, device)
             config = stepflow_config(args.stepflow, model)
@@ -71,10 +84,12 @@ def cmd_eval(args) -> int:
                 err(f"skipping {e}")
         if not items and job.main:
             err(f"no usable items in {args.data}")
+        if vllm and items:
+            generator = vllm_generator(args, tok, settings, eos_ids(model, tok), config)
         status, _ = evaluate(settings, items, data_errors, args.out, model=model, tokenizer=tok, config=config,
                              job=job, batch_size=args.batch_size, grade_options=grade_options,
                              grade_workers=args.grade_workers, device=device, completions=completions,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, generator=generator)
         if job.main:
             failures = read_failures(args.out)
             report_failures(data_errors, failures)
@@ -100,7 +115,9 @@ def add_parser(sub) -> None:
                               "--task math \\\n"
                               "      --stepflow default --samples 4 --temperature 0.6 --top-p 0.95 --out runs/sf\n"
                               "  torchrun --nproc_per_node 8 -m stepflow_ext.cli eval --model M --data gpqa.jsonl "
-                              "--task mcq --out runs/gpqa\n\n"
+                              "--task mcq --out runs/gpqa\n"
+                              "  stepflow eval --engine vllm --tensor-parallel-size 2 --model M --data aime.jsonl "
+                              "--task math --stepflow default --out runs/sf-vllm\n\n"
                               "data: a local .jsonl (GSM8K, MATH-500, AIME, GPQA-Diamond, LiveCodeBench shapes) or\n"
                               "hf:NAME[:split] (needs the datasets package and a network). Bad lines are reported\n"
                               "as FILE:LINE: FIELD: problem; the other items still run (exit status 1).\n"
@@ -120,4 +137,5 @@ def add_parser(sub) -> None:
     p.add_argument("--completions-from", default=None, metavar="FILE",
                    help="grade these completions instead of generating: JSONL {item_id, sample, completion}")
     generation_options(p)
+    engine_options(p)
     p.set_defaults(func=cmd_eval)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 
 from ..traces import TraceError, TraceWriter, apply_template, encode_prompt, eos_ids, read_prompts
-from .common import (RAW, UsageError, err, escapes, exit_status, load_config, load_model, model_options,
-                     segmentation_options)
+from .common import (RAW, UsageError, engine_options, err, escapes, exit_status, load_config, load_model,
+                     model_options, segmentation_options, served_model, vllm_generator)
 
 
 def _prompt_text(item, tok, use_template):
@@ -40,21 +40,29 @@ def cmd_generate(args) -> int:
         raise UsageError("--max-new-tokens must be >= 1")
     if args.temperature < 0:
         raise UsageError("--temperature must be >= 0 (0 is greedy decoding)")
-    tok, model = load_model(args)
+    vllm = args.engine == "vllm"
+    tok, model = served_model(args) if vllm else load_model(args)
     if args.no_chat_template is False and not getattr(tok, "chat_template", None):
         err(f"note: the tokenizer of {args.model} has no chat template; prompts are used as plain text")
     cfg = load_config(args.stepflow, model) if args.stepflow else None
     rule = segmentation_options(args)
     eos = eos_ids(model, tok)
-    device = next(model.parameters()).device
-    stream = args.prompt is not None and not args.no_stream
+    device = "cpu" if vllm else next(model.parameters()).device
+    stream = args.prompt is not None and not args.no_stream and not vllm
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=False) if stream else None
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                       pad_token_id=tok.pad_token_id)
     if args.temperature > 0:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
     torch.manual_seed(args.seed)
-    handle = sf.replace_attention(model, cfg, tokenizer=tok, **rule) if cfg is not None else None
+    engine = None
+    if vllm:   # the same settings as the HF engine's; vLLM samples with a per-prompt seed (args.seed + index)
+        from types import SimpleNamespace
+
+        settings = SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   seed=args.seed, segmentation=lambda: rule)
+        engine = vllm_generator(args, tok, settings, eos, cfg)
+    handle = sf.replace_attention(model, cfg, tokenizer=tok, **rule) if cfg is not None and not vllm else None
     batch_size = 1 if stream else max(1, args.batch_size)
     written = 0
     try:
@@ -66,10 +74,16 @@ def cmd_generate(args) -> int:
                     built = [_prompt_text(item, tok, not args.no_chat_template) for item in items]
                     rows = [encode_prompt(tok, text, templated) for text, templated, _ in built]
                     width = max(map(len, rows))
-                    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
-                    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-                    with torch.no_grad():
-                        out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **gen_kwargs)
+                    if engine is not None:
+                        from types import SimpleNamespace
+
+                        asks = [SimpleNamespace(prompt_ids=r, seed=args.seed + start + i) for i, r in enumerate(rows)]
+                        out = engine.token_ids(asks)
+                    else:
+                        ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+                        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+                        with torch.no_grad():
+                            out = model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **gen_kwargs)
                 except Exception as e:  # noqa: BLE001 - one failing batch must not stop the others
                     for item in items:
                         errors.append(TraceError(args.prompts or "--prompt", item["_line"], "",
@@ -77,7 +91,7 @@ def cmd_generate(args) -> int:
                     bar.update(len(items))
                     continue
                 for row, (item, (text, _, question)) in enumerate(zip(items, built)):
-                    gen = out[row, width:].tolist()
+                    gen = list(out[row]) if engine is not None else out[row, width:].tolist()
                     cut = next((i for i, t in enumerate(gen) if t in eos), None)
                     finish = "eos" if cut is not None else "length"
                     gen = gen[:cut + 1] if cut is not None else gen
@@ -95,7 +109,7 @@ def cmd_generate(args) -> int:
                         "segments": {"kinds": seg.kinds[0], "lengths": seg.lengths()[0]},
                         "stepflow": cfg.to_dict() if cfg is not None else None, "model": args.model,
                         "generation": {k: v for k, v in gen_kwargs.items() if k != "pad_token_id"} | {
-                            "seed": args.seed, "finish": finish},
+                            "seed": args.seed, "finish": finish, "engine": args.engine},
                     })
                     writer.write(record)
                     written += 1
@@ -141,4 +155,5 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="prompts per generate call (left padded)")
     p.add_argument("--no-stream", action="store_true", help="do not stream the tokens of a single --prompt")
     p.add_argument("--escapes", action="store_true", help="read backslash escapes (\\n) in --prompt")
+    engine_options(p)
     p.set_defaults(func=cmd_generate)

@@ -25,11 +25,13 @@ def _versions() -> dict:
 
 
 def evaluate(settings: EvalSettings, items, data_errors, out_dir, *, model, tokenizer, config, job, batch_size,
-             grade_options, grade_workers, device, completions=None, progress=True, quiet=False, name=None):
+             grade_options, grade_workers, device, completions=None, progress=True, quiet=False, name=None,
+             generator=None):
     """One run into out_dir (resumed if it holds the same settings). Returns (status, summary or None).
 
     Every rank calls this with all items; each takes its shard. Only rank 0 writes summary.json,
-    errors.jsonl and the table; every rank gets the same status.
+    errors.jsonl and the table; every rank gets the same status. generator: what completes the
+    requests (default: the HF engine's HFGenerator on `model`; --engine vllm passes a VLLMGenerator).
     """
     # Rank 0 checks (or records) the settings; every rank fails the same way on a mismatch.
     problem = None
@@ -57,14 +59,16 @@ def evaluate(settings: EvalSettings, items, data_errors, out_dir, *, model, toke
 
     if completions is not None:
         generator = completions
-    else:
+    elif generator is None:
         generator = HFGenerator(model, tokenizer, settings, eos_ids(model, tokenizer), config=config)
+    timed = _Timed(generator)
     started = time.time()
-    failures = run_items(settings, mine, generator, tokenizer, own, done, batch_size=batch_size,
+    failures = run_items(settings, mine, timed, tokenizer, own, done, batch_size=batch_size,
                          grade_options=grade_options, grade_workers=grade_workers,
                          progress=progress and job.main, desc=name or "eval")
     elapsed = time.time() - started
     all_failures = [f for part in job.gather(failures) for f in part]
+    throughput = job.gather((timed.tokens, timed.seconds))
     job.barrier()  # every rank's rows are on disk
     summary = None
     if job.main:
@@ -72,7 +76,7 @@ def evaluate(settings: EvalSettings, items, data_errors, out_dir, *, model, toke
         write_errors(out_dir, data_errors, all_failures)
         run_info = {"batch_size": batch_size, "world_size": job.world, "device": device,
                     "limit_items": len(items), "seconds": round(elapsed, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "grade": grade_options, **_versions()}
+                    "grade": grade_options, "engine": settings.engine, **_throughput(throughput), **_versions()}
         summary = summarize(out_dir, settings, items, data_errors, all_failures, run_info)
         if not quiet:
             print_table(f"stepflow eval: {settings.task}, {os.path.basename(settings.data)}", SUMMARY_HEADER,
@@ -81,6 +85,28 @@ def evaluate(settings: EvalSettings, items, data_errors, out_dir, *, model, toke
     status = 1 if (data_errors or all_failures) else 0
     job.barrier()  # nobody starts anything else (or exits) before rank 0 has merged
     return status, summary
+
+
+class _Timed:
+    """The generator, counting the tokens it generates and the seconds it takes (grading excluded)."""
+
+    def __init__(self, generator):
+        self.generator, self.tokens, self.seconds = generator, 0, 0.0
+
+    def __call__(self, requests):
+        start = time.perf_counter()
+        out = self.generator(requests)
+        self.seconds += time.perf_counter() - start
+        self.tokens += sum(int(g.get("tokens") or 0) for g in out)
+        return out
+
+
+def _throughput(parts) -> dict:
+    """Generated tokens and tokens/s over all ranks (the ranks run side by side: the slowest one's time)."""
+    tokens = sum(t for t, _ in parts)
+    seconds = max((s for _, s in parts), default=0.0)
+    return {"generated_tokens": tokens, "generate_seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None}
 
 
 def report_failures(data_errors, failures) -> None:

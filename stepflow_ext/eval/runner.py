@@ -75,6 +75,7 @@ class EvalSettings:
     dtype: str = "auto"
     completions_from: str | None = None
     data_sha256: str | None = None
+    engine: str = "hf"           # hf (transformers' generate) or vllm (stepflow_ext.vllm)
 
     def segmentation(self) -> dict:
         """The segmentation options, as segment() and replace_attention() take them."""
@@ -95,6 +96,11 @@ class EvalSettings:
         if self.control is not None and self.stepflow is None:
             raise ValueError(f"--control {self.control} needs a StepFlow config (--stepflow CONFIG.json or default): "
                              "the control perturbs the same layers with the same strengths as that config")
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"--engine must be hf or vllm, got {self.engine!r}")
+        if self.engine == "vllm" and self.control is not None:
+            raise ValueError("--control is not available with --engine vllm yet (the controls run in the HF engine's "
+                             "attention): use --engine hf")
         if self.completions_from is not None and (self.stepflow is not None or self.control is not None):
             raise ValueError("--completions-from grades given completions; --stepflow/--control would mislabel them")
 
@@ -382,6 +388,7 @@ def check_settings(out_dir: str, settings: EvalSettings) -> None:
         theirs = theirs.get("settings", theirs) if isinstance(theirs, dict) else theirs
         if not isinstance(theirs, dict):
             raise RunMismatch(f"{path} does not hold run settings; use another --out")
+        theirs = {"engine": "hf", **theirs}   # runs recorded before the engine was a setting were HF runs
         keys = set(mine) | set(theirs)
         if mine.get("data_sha256") and mine.get("data_sha256") == theirs.get("data_sha256"):
             keys.discard("data")  # the same file contents, reached by another path
