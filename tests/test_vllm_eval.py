@@ -45,8 +45,9 @@ def test_eval_engine_vllm_reproduces_hf(tmp_path, capsys):
     assert same == len(rows["hf"]), f"{len(rows['hf']) - same} completions differ"
     speed = {name: s["run"]["tokens_per_s"] for name, s in (("hf", hf), ("vllm", vl))}
     assert all(v and v > 0 for v in speed.values()), speed
-    print(f"\ntokens/s on {len(items)} items (batch 8 HF, 24 vLLM; 2-core CPU): HF {speed['hf']}, vLLM "
-          f"{speed['vllm']} ({speed['vllm'] / speed['hf']:.2f}x); accuracy {hf['accuracy']}")
+    with capsys.disabled():
+        print(f"\ntokens/s on {len(items)} items (batch 8 HF, 24 vLLM; 2-core CPU): HF {speed['hf']}, vLLM "
+              f"{speed['vllm']} ({speed['vllm'] / speed['hf']:.2f}x); accuracy {hf['accuracy']}")
     # the paired comparison of the two runs works (and finds no difference)
     capsys.readouterr()
     assert cli.main(["compare-runs", hf_dir, vllm_dir, "--names", "hf,vllm", "--n-boot", "200"]) == 0

@@ -17,9 +17,9 @@ from .request import EXTRA_ARGS_KEY, SEGMENTATION_KEY, cache_salt
 
 _installed = False
 STEP: list | None = None        # the current model step's Placements (None outside a step or without any)
-REQUESTS: dict = {}             # request id -> SteeredRequest, in this worker
-COUNTS: dict = {}               # ("oeb" | "smi", layer) -> rows changed, in this worker
-_WORKER: dict = {}              # tokenizer, hf config, num layers of this worker's model
+COUNTS: dict = {}               # ("oeb" | "smi", layer) -> rows changed, in this process
+EVENTS: dict = {}               # "rollback" (a step before the tracked end: preempted, recomputed),
+                                # "skipped" (after it: a prefix-cache hit) -> steps, in this process
 
 
 def trigger_counts(reset: bool = False) -> dict:
@@ -100,16 +100,26 @@ def _checked_inputs(refuse_only):
 # --------------------------------------------------------------------------- worker
 
 
-def _worker_info(runner) -> dict:
-    if not _WORKER:
+class _RunnerState:
+    """What the plugin keeps per model runner (request ids are unique within an engine only; a process
+    may run several engines one after the other): the steered requests' trackers and the worker's
+    tokenizer and model config."""
+
+    def __init__(self, runner):
         from transformers import AutoTokenizer
 
         mc = runner.model_config
-        _WORKER["tokenizer"] = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
-                                                             trust_remote_code=mc.trust_remote_code)
-        _WORKER["hf_config"] = mc.hf_text_config
-        _WORKER["num_layers"] = _num_layers(mc)
-    return _WORKER
+        self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                                       trust_remote_code=mc.trust_remote_code)
+        self.hf_config, self.num_layers = mc.hf_text_config, _num_layers(mc)
+        self.requests: dict = {}    # request id -> SteeredRequest
+
+
+def _runner_state(runner) -> _RunnerState:
+    state = runner.__dict__.get("_stepflow")
+    if state is None:
+        state = runner._stepflow = _RunnerState(runner)
+    return state
 
 
 def _tracked_forward(original):
@@ -129,9 +139,9 @@ def plan_step(runner, input_ids) -> list:
     from .tracking import SteeredRequest, parse_request
 
     batch, requests = runner.input_batch, runner.requests
-    if REQUESTS:
-        for rid in [r for r in REQUESTS if r not in requests]:   # finished or aborted
-            del REQUESTS[rid]
+    tracked_requests = runner.__dict__.get("_stepflow").requests if "_stepflow" in runner.__dict__ else {}
+    for rid in [r for r in tracked_requests if r not in requests]:   # finished or aborted
+        del tracked_requests[rid]
     num_reqs = batch.num_reqs
     steered = []
     for row, rid in enumerate(batch.req_ids[:num_reqs]):
@@ -146,22 +156,25 @@ def plan_step(runner, input_ids) -> list:
         raise ValueError("StepFlow under vLLM needs token ids (this step runs on prompt embeddings)")
     if runner.speculative_config is not None:
         raise ValueError("StepFlow under vLLM does not support speculative decoding yet")
-    info = _worker_info(runner)
+    info = _runner_state(runner)
     qsl = runner.query_start_loc.np[:num_reqs + 1]
     stop = int(qsl[num_reqs])
     ids = input_ids[:stop].to("cpu").tolist()   # a copy from the device on GPUs (one per step with steered rows)
     out = []
     for row, rid, state, extra in steered:
-        tracked = REQUESTS.get(rid)
+        tracked = info.requests.get(rid)
         if tracked is None:
-            config = parse_request(extra[EXTRA_ARGS_KEY], extra.get(SEGMENTATION_KEY), info["num_layers"])
-            tracked = REQUESTS[rid] = SteeredRequest(config, state.num_prompt_tokens, info["tokenizer"],
-                                                     info["hf_config"], extra.get(SEGMENTATION_KEY))
+            config = parse_request(extra[EXTRA_ARGS_KEY], extra.get(SEGMENTATION_KEY), info.num_layers)
+            tracked = info.requests[rid] = SteeredRequest(config, state.num_prompt_tokens, info.tokenizer,
+                                                          info.hf_config, extra.get(SEGMENTATION_KEY))
         a, b = int(qsl[row]), int(qsl[row + 1])
         past = int(batch.num_computed_tokens_cpu[row])
 
         def token_ids(lo, hi, state=state):
             return [state.get_token_id(i) for i in range(lo, hi)]
 
+        if past != tracked.length:
+            key = "rollback" if past < tracked.length else "skipped"
+            EVENTS[key] = EVENTS.get(key, 0) + 1
         out.append(tracked.place(row, a, b, past, ids[a:b], token_ids))
     return out
