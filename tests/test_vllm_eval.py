@@ -62,3 +62,26 @@ def test_eval_engine_vllm_refusals(tmp_path, capsys):
     assert cli.main([*base, "--stepflow", "default", "--control", "random-attn"]) == 2
     assert "--control is not available with --engine vllm" in capsys.readouterr().err
     assert cli.main([*base, "--tensor-parallel-size", "0"]) == 2
+
+
+def test_generate_engine_vllm_equals_hf(tmp_path):
+    """`stepflow generate --engine vllm` writes the same traces (tokens, segmentation) as the HF engine."""
+    import stepflow_ext as sf
+
+    prompts = tmp_path / "prompts.txt"
+    problems = [json.loads(line)["problem"] for line in open(default_data()[1])][:3]
+    prompts.write_text("\n".join(problems) + "\n")
+    config = tmp_path / "sf.json"
+    sf.StepFlowConfig.default_for(4).to_json(str(config))
+    out = {}
+    for engine in ("hf", "vllm"):
+        path = tmp_path / f"{engine}.jsonl"
+        assert cli.main(["generate", "--model", PACKAGED_DIR, "--prompts", str(prompts), "--stepflow", str(config),
+                         "--steps", "paragraph", "--dtype", "float32", "--max-new-tokens", "80", "--engine", engine,
+                         "--device", "cpu", "--out", str(path)]) == 0
+        out[engine] = [json.loads(line) for line in open(path)]
+    assert len(out["hf"]) == len(out["vllm"]) == 3
+    for a, b in zip(out["hf"], out["vllm"]):
+        assert a["input_ids"] == b["input_ids"] and a["segments"] == b["segments"]
+        assert a["generation"]["finish"] == b["generation"]["finish"]
+        assert (a["generation"]["engine"], b["generation"]["engine"]) == ("hf", "vllm")

@@ -8,7 +8,8 @@ scratch cache: the probes carry their token and dimension index as values, so th
 where every (token, dim) element lands. A gather index then reads any block in logical order. An
 order that is not a permutation (a quantized cache) is refused.
 
-CUDA (FlashAttention): the cache is (2, num_blocks, block_size, H_kv, d) (untested: no GPU run).
+CUDA (FlashAttention): logically (num_blocks, H_kv, block_size, 2 d), keys then values in the last dim
+(as vLLM 0.32's FlashAttentionImpl splits it; untested: no GPU run).
 """
 from __future__ import annotations
 
@@ -37,16 +38,15 @@ def _cpu_order(impl, layer, block_size, d, dtype) -> tuple[torch.Tensor, torch.T
         if getattr(impl, "is_fp8_kv_cache", False):
             raise ValueError("StepFlow under vLLM reads keys and values from the KV cache: a quantized (fp8) cache "
                              "is not supported; start the engine with kv_cache_dtype='auto'")
-        # token and dimension index (+1, so that 0 means "not written"); d may exceed bf16's exact
-        # integers (256), so the dimension goes in two probes: j mod 128 and j div 128.
-        tk, tv = _where(impl, layer, block_size, d, dtype, lambda t, j: t + 1)
-        ak, av = _where(impl, layer, block_size, d, dtype, lambda t, j: j % 128 + 1)
-        bk, bv = _where(impl, layer, block_size, d, dtype, lambda t, j: j // 128 + 1)
+        # token and dimension index (+1, so that 0 means "not written"), each in two probes (i mod 128 and
+        # i div 128): bf16 holds integers exactly only up to 256.
+        probes = [_where(impl, layer, block_size, d, dtype, f) for f in (
+            lambda t, j: t % 128 + 1, lambda t, j: t // 128 + 1, lambda t, j: j % 128 + 1, lambda t, j: j // 128 + 1)]
         orders = []
-        for tok, lo, hi in ((tk, ak, bk), (tv, av, bv)):
-            logical = (tok - 1) * d + (hi - 1) * 128 + (lo - 1)
-            ok = bool(((tok >= 1) & (lo >= 1) & (hi >= 1)).all())
-            logical = logical.long()
+        for part in (0, 1):     # keys, values
+            t_lo, t_hi, j_lo, j_hi = (p[part] for p in probes)
+            ok = bool(((t_lo >= 1) & (t_hi >= 1) & (j_lo >= 1) & (j_hi >= 1)).all())
+            logical = (((t_hi - 1) * 128 + t_lo - 1) * d + (j_hi - 1) * 128 + j_lo - 1).long()
             index = torch.full((block_size * d,), -1, dtype=torch.long)
             if ok:
                 index[logical.clamp(0, block_size * d - 1)] = torch.arange(block_size * d)
@@ -75,16 +75,18 @@ def cpu_gather(impl, layer, kv_cache, block_ids, length):
 
 
 def flash_gather(kv_cache, block_ids, length):
-    """FlashAttention's (2, num_blocks, block_size, H_kv, d) cache (NHD layout)."""
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"StepFlow expects FlashAttention's (2, blocks, block_size, H_kv, d) KV cache, got "
+    """FlashAttention's cache, logically (num_blocks, H_kv, block_size, 2 d): keys in the first d channels,
+    values in the last d (its forward splits it so; the physical stride order may differ, indexing
+    follows the strides)."""
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] % 2:
+        raise ValueError(f"StepFlow expects FlashAttention's (blocks, H_kv, block_size, 2 d) KV cache, got "
                          f"{tuple(kv_cache.shape)}")
-    _, _, block_size, heads, d = kv_cache.shape
+    _, heads, block_size, two_d = kv_cache.shape
+    d = two_d // 2
     used = (length + block_size - 1) // block_size
-    blocks = block_ids[:used].to(torch.long)
+    slots = kv_cache.index_select(0, block_ids[:used].to(torch.long))     # (nb, H_kv, bs, 2 d)
 
     def logical(part):
-        x = part.index_select(0, blocks).reshape(used * block_size, heads, d)[:length]
-        return x.permute(1, 0, 2).unsqueeze(0).contiguous()
+        return part.permute(1, 0, 2, 3).reshape(heads, used * block_size, d)[:, :length].unsqueeze(0).contiguous()
 
-    return logical(kv_cache[0]), logical(kv_cache[1])
+    return logical(slots[..., :d]), logical(slots[..., d:])
