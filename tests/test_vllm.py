@@ -310,3 +310,43 @@ def test_bad_requests_fail_in_the_caller(engines):
         steer("default", tokenizer="x")
     # the engine still serves after the refusals
     assert len(run(llm, [tiny_prompts()[0]], steer("default"), new=4)[0][0]) == 4
+
+
+ENGINE_PROCESS = """
+import json, os, sys
+from vllm import LLM, SamplingParams
+from stepflow_ext.vllm import steer
+
+def main():
+    prompts, new = json.loads(sys.argv[1]), int(sys.argv[2])
+    llm = LLM(model=sys.argv[3], dtype="float32", enforce_eager=True, max_model_len=512, seed=0, block_size=32)
+    params = SamplingParams(max_tokens=new, min_tokens=new, temperature=0, logprobs=0,
+                            extra_args=steer("default", steps="paragraph"))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    print("RESULT", json.dumps([[list(o.outputs[0].token_ids),
+                                 [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]]
+                                for o in outs]))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_engine_core_in_its_own_process(tmp_path):
+    """vLLM's default: the engine core (and its worker) in another process, which loads the plugin from
+    the entry point by itself. The steered results are HF's there too."""
+    import subprocess
+    import sys
+
+    prompts = tiny_prompts()
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE_PROCESS)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    run_ = subprocess.run([sys.executable, str(script), json.dumps(prompts), str(NEW), PACKAGED_DIR], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    line = next((x for x in run_.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, run_.stderr[-3000:]
+    got = [tuple(r) for r in json.loads(line[len("RESULT "):])]
+    config = default_config(PACKAGED_DIR)
+    assert_same_as_hf(got, hf_run(PACKAGED_DIR, prompts, config, steps="paragraph")[0], "engine core process")
+    assert max_logprob_change(got, hf_run(PACKAGED_DIR, prompts, None)[0]) > 100 * LOGPROB_TOL
