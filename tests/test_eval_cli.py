@@ -506,3 +506,22 @@ def test_help_of_the_eval_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "eval" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_is_a_usage_error(tiny, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert run(*eval_args(tiny, GSM8K, "math", out, "--engine", "vllm")) == 2
+    assert "vLLM is not installed" in capsys.readouterr().err
+    assert not out.exists()   # nothing recorded for a run that never started
+
+
+def test_old_runs_without_an_engine_setting_resume_as_hf(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert run(*eval_args(tiny, GSM8K, "math", out, "--limit", 1)) == 0
+    path = out / "settings.json"
+    recorded = json.loads(path.read_text())
+    del recorded["settings"]["engine"]          # as written before the engine was a setting
+    path.write_text(json.dumps(recorded))
+    assert run(*eval_args(tiny, GSM8K, "math", out, "--limit", 1)) == 0
+    assert summary_of(out)["run"]["engine"] == "hf" and "tokens_per_s" in summary_of(out)["run"]

@@ -149,11 +149,16 @@ def hf_run(path, prompts, config, new=NEW, **segmentation):
     return _HF[key]
 
 
-def assert_same_as_hf(got, want, what):
+def assert_same_as_hf(got, want, what) -> float:
+    """Same tokens, logprobs within LOGPROB_TOL; returns the largest logprob difference."""
+    assert len(got) == len(want)
+    worst = 0.0
     for i, ((ids, lps), (hids, hlps)) in enumerate(zip(got, want)):
         assert ids == hids, f"{what}: prompt {i}: vLLM tokens {ids} != HF {hids}"
         diff = max(abs(a - b) for a, b in zip(lps, hlps))
         assert diff <= LOGPROB_TOL, f"{what}: prompt {i}: logprobs differ by {diff:.2e} > {LOGPROB_TOL}"
+        worst = max(worst, diff)
+    return worst
 
 
 def max_logprob_change(a, b):
@@ -207,14 +212,14 @@ def test_stepflow_matches_hf_and_noop_matches_stock(engines, qwen_dir, name, var
     steered = run(llm, prompts, steer("default" if variant == "default" else config, **seg))
     counts = plugin.trigger_counts(reset=True)
     want, hf_counts = hf_run(path, prompts, config, **seg)
-    assert_same_as_hf(steered, want, f"StepFlow {variant}")
+    worst = assert_same_as_hf(steered, want, f"StepFlow {variant}")
     # vLLM places every token HF does: the same OEB rows and SMI injections, layer by layer
     assert counts == hf_counts, (counts, hf_counts)
     assert sum(counts["smi"].values()) > 0, counts
     assert sum(counts["oeb"].values()) > 0 or (name, variant) == ("qwen2", "default"), counts
     assert max_logprob_change(steered, stock) > 100 * LOGPROB_TOL
     print(f"\n{name} {variant}: OEB rows {sum(counts['oeb'].values())}, SMI tokens {sum(counts['smi'].values())}, "
-          f"max |logprob change| from stock {max_logprob_change(steered, stock):.3f}")
+          f"max |logprob - HF| {worst:.1e}, max |logprob change| from stock {max_logprob_change(steered, stock):.3f}")
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -11,6 +11,8 @@ This recomputation is for correctness first: a paged three-state kernel is the l
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -97,6 +99,7 @@ class StepFlowCPUBackend(CPUAttentionBackend):
 # --------------------------------------------------------------------------- CUDA (untested: no GPU run yet)
 
 
+@functools.lru_cache(maxsize=1)
 def _flash_classes():
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 

@@ -32,7 +32,7 @@ def check_available() -> None:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise ValueError("--engine vllm needs vLLM installed beside stepflow-ext (CPU: `make vllm-venv`, see "
+        raise ValueError("vLLM is not installed beside stepflow-ext (CPU: `make vllm-venv`, see "
                          "docs/vllm.md; CUDA: pip install vllm)")
 
 

@@ -84,6 +84,10 @@ def _checked_inputs(refuse_only):
             from .tracking import parse_request
 
             parse_request(extra[EXTRA_ARGS_KEY], extra.get(SEGMENTATION_KEY), _num_layers(self.model_config))
+            if getattr(self.vllm_config, "use_v2_model_runner", False):
+                raise ValueError("StepFlow under vLLM follows the V1 model runner (GPUModelRunner); this engine runs "
+                                 "Model Runner V2, where the plugin would not see the batch: start it with "
+                                 "VLLM_USE_V2_MODEL_RUNNER=0")
             if self.speculative_config is not None:
                 raise ValueError("StepFlow under vLLM does not support speculative decoding yet (draft tokens would "
                                  "be placed into steps before they are accepted): start the engine without "
