@@ -103,24 +103,26 @@ def needed_tiles(t, lo, hi, window):
     return tiles
 
 
-def visited_tiles(ask, t, b, lo, hi, window, path, sms):
-    """The (query block, key tile) pairs the main kernel's grid visits for a row with valid tokens
-    [lo, hi), as a list (repeats kept): the plan, the CTAs' early exits, their tile ranges."""
-    (per, splits), = ask([f"P {t} {b} {window} {BLOCK} {path} {sms}"])
-    assert splits >= 1 and splits <= 65535 and per >= 0 and (per > 0) == (splits > 1)
+def visited_tiles(ask, t, lo, hi, window, plans):
+    """For each plan (path, B, SMs): the (query block, key tile) pairs the main kernel's grid visits
+    for a row with valid tokens [lo, hi), as a list (repeats kept) -- the plan, the CTAs' early
+    exits, their tile ranges -- with the plan's (tiles per split, splits). Two driver calls."""
+    made = ask([f"P {t} {b} {window} {BLOCK} {path} {sms}" for path, b, sms in plans])
     nqb = (t + BLOCK - 1) // BLOCK
-    queries, blocks = [], []
-    for qb in range(nqb):
-        i0 = qb * BLOCK
-        if i0 >= hi or i0 + BLOCK <= lo:      # the kernel's early return (no valid query)
-            continue
-        for split in range(splits):
-            queries.append(f"K {i0} {lo} {hi} {window} {BLOCK} {per} {split}")
-            blocks.append(qb)
-    out = []
-    for qb, (kb, ke) in zip(blocks, ask(queries) if queries else []):
-        out.extend((qb, kt) for kt in range(kb, ke + 1))
-    return out, per, splits
+    queries, owners = [], []
+    for x, (per, splits) in enumerate(made):
+        assert 1 <= splits <= 65535 and per >= 0 and (per > 0) == (splits > 1)
+        for qb in range(nqb):
+            i0 = qb * BLOCK
+            if i0 >= hi or i0 + BLOCK <= lo:      # the kernel's early return (no valid query)
+                continue
+            for split in range(splits):
+                queries.append(f"K {i0} {lo} {hi} {window} {BLOCK} {per} {split}")
+                owners.append((x, qb))
+    visits = [[] for _ in plans]
+    for (x, qb), (kb, ke) in zip(owners, ask(queries) if queries else []):
+        visits[x].extend((qb, kt) for kt in range(kb, ke + 1))
+    return [(v, per, splits) for v, (per, splits) in zip(visits, made)]
 
 
 ROWS = [  # (T, lo, hi): full rows, left / right / both-sided padding, an empty row, odd lengths
@@ -135,8 +137,7 @@ def test_pool_split_covers_the_causal_band_once(ask, t, lo, hi, window):
     base = needed_tiles(t, lo, hi, window)
     # fixed split sizes do not depend on B or the SM count; auto does
     plans = [(p, 1, 132) for p in (0, 1, 2, 3, 7, 1000)] + [(-1, 1, 1), (-1, 1, 132), (-1, 3, 132)]
-    for path, b, sms in plans:
-        got, per, splits = visited_tiles(ask, t, b, lo, hi, window, path, sms)
+    for (path, _, _), (got, per, splits) in zip(plans, visited_tiles(ask, t, lo, hi, window, plans)):
         assert len(got) == len(set(got)), f"a tile is visited twice (path {path}, {per} x {splits})"
         assert set(got) == base, (f"T={t} rows [{lo}, {hi}) window {window} path {path}: missing "
                                   f"{sorted(base - set(got))[:5]}, extra {sorted(set(got) - base)[:5]}")
@@ -152,7 +153,7 @@ def test_pool_split_at_t8192_b1_fills_the_gpu(ask, window):
     t = 8192
     (per, splits), = ask([f"P {t} 1 {window} {BLOCK} -1 132"])
     assert per >= 2 and splits > 1
-    got, _, _ = visited_tiles(ask, t, 1, 0, t, window, -1, 132)
+    (got, _, _), = visited_tiles(ask, t, 0, t, window, [(-1, 1, 132)])
     assert len(got) == len(set(got)) and set(got) == needed_tiles(t, 0, t, window)
     nqb = t // BLOCK
     works = ask([f"K {qb * BLOCK} 0 {t} {window} {BLOCK} {per} {s}" for qb in range(nqb) for s in range(splits)])
