@@ -93,31 +93,31 @@ def ask(tmp_path_factory):
 # ------------------------------------------------------------------------ step_saliency_pool
 
 
-def needed_tiles(t, lo, hi, window):
+def needed_tiles(t, lo, hi, window, block=BLOCK):
     """{(query block, key tile)} holding a pair (i, j): lo <= j <= i < hi, j > i - window (window > 0)."""
     tiles = set()
     for i in range(max(lo, 0), min(hi, t)):
         first = lo if window <= 0 else max(lo, i - window + 1)
-        for kt in range(first // BLOCK, i // BLOCK + 1):
-            tiles.add((i // BLOCK, kt))
+        for kt in range(first // block, i // block + 1):
+            tiles.add((i // block, kt))
     return tiles
 
 
-def visited_tiles(ask, t, lo, hi, window, plans):
+def visited_tiles(ask, t, lo, hi, window, plans, block=BLOCK):
     """For each plan (path, B, SMs): the (query block, key tile) pairs the main kernel's grid visits
     for a row with valid tokens [lo, hi), as a list (repeats kept) -- the plan, the CTAs' early
     exits, their tile ranges -- with the plan's (tiles per split, splits). Two driver calls."""
-    made = ask([f"P {t} {b} {window} {BLOCK} {path} {sms}" for path, b, sms in plans])
-    nqb = (t + BLOCK - 1) // BLOCK
+    made = ask([f"P {t} {b} {window} {block} {path} {sms}" for path, b, sms in plans])
+    nqb = (t + block - 1) // block
     queries, owners = [], []
     for x, (per, splits) in enumerate(made):
         assert 1 <= splits <= 65535 and per >= 0 and (per > 0) == (splits > 1)
         for qb in range(nqb):
-            i0 = qb * BLOCK
-            if i0 >= hi or i0 + BLOCK <= lo:      # the kernel's early return (no valid query)
+            i0 = qb * block
+            if i0 >= hi or i0 + block <= lo:      # the kernel's early return (no valid query)
                 continue
             for split in range(splits):
-                queries.append(f"K {i0} {lo} {hi} {window} {BLOCK} {per} {split}")
+                queries.append(f"K {i0} {lo} {hi} {window} {block} {per} {split}")
                 owners.append((x, qb))
     visits = [[] for _ in plans]
     for (x, qb), (kb, ke) in zip(owners, ask(queries) if queries else []):
@@ -143,6 +143,18 @@ def test_pool_split_covers_the_causal_band_once(ask, t, lo, hi, window):
                                   f"{sorted(base - set(got))[:5]}, extra {sorted(set(got) - base)[:5]}")
         if path == 0:
             assert (per, splits) == (0, 1)
+
+
+@pytest.mark.parametrize("block", [16, 32, 128])
+def test_pool_split_other_block_sizes(ask, block):
+    """The same arithmetic with other block sizes than the kernel's 64 (it takes the size as an
+    argument): still every causal tile once."""
+    for t, lo, hi in ((1, 0, 1), (100, 3, 97), (333, 0, 333), (700, 200, 650)):
+        for window in (-1, 1, block - 1, block + 1, 250):
+            base = needed_tiles(t, lo, hi, window, block)
+            plans = [(p, 1, 132) for p in (0, 1, 2, 5)] + [(-1, 1, 1), (-1, 2, 8)]
+            for (path, _, _), (got, per, splits) in zip(plans, visited_tiles(ask, t, lo, hi, window, plans, block)):
+                assert len(got) == len(set(got)) and set(got) == base, (block, t, lo, hi, window, path, per, splits)
 
 
 @pytest.mark.parametrize("window", [-1, 512])
