@@ -11,7 +11,10 @@ Cases, each against what a user would otherwise run, side by side in one process
 - a decode step's op calls (oeb_attention on an 8k / 32k cache, smi_value, step_momentum_decode_)
   replayed from a CUDA graph vs eager (the ops issue no host sync, so they capture; issue 15);
 - the OEB backward under torch.use_deterministic_algorithms(True) (the scalar path, no dQ atomics)
-  vs the default tensor-core backward.
+  vs the default tensor-core backward;
+- the kernel paths of issue 15 items 7 and 8 (step_saliency_pool's key split and cp.async pipeline,
+  oeb_attention's ldmatrix.trans V loads, one-slot tiles and BN = 64 at d = 128) vs the old paths
+  (first, as the part most likely to be cut by the script's time limit otherwise).
 Every number is a median of CUDA-event timings after warm-up; memory is torch.cuda peak.
 `--smoke` runs tiny sizes (also on the CPU) to check the script itself.
 """
@@ -322,6 +325,50 @@ def bench_determinism(device, dtype, smoke, rows):
                  "baselines": {"default": default}, "note": det[2]})
 
 
+# --------------------------------------------------------------------------- issue 15 items 7, 8: kernel paths
+
+
+def bench_paths(device, dtype, smoke, rows):
+    """The kernel paths of issue 15 items 7 and 8 against the ones they replace, in one process
+    (docs/method_kernels.md, "Kernel paths and their switches"): step_saliency_pool at T = 8192,
+    B = 1 (the split of the causal band over CTAs, the cp.async pipeline) and oeb_attention's prefill
+    at T = 8192, d = 128 (ldmatrix.trans V fragments, the one-slot tile step, BN = 64 vs 32). "ours"
+    is the default path; each baseline is a named set of switches (old = all of them off)."""
+    h, h_kv, d = SHAPES["1.5B"]
+    t = 256 if smoke else 8192
+    q = torch.randn(1, h, t, d, device=device, dtype=dtype)
+    k = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
+    v = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
+    g = torch.randn(1, h, t, d, device=device, dtype=dtype)
+    seg = trace_segments(t)
+    ids = seg.seg_ids.to(device)
+
+    def with_paths(fn, **paths):
+        def run():
+            with sf.ops.kernel_paths(**paths):
+                return fn()
+        return run
+
+    pool = lambda: sf.step_saliency_pool(q, k, v, g, ids, seg.num_segments, d ** -0.5)  # noqa: E731
+    ours = measure(pool, device)
+    base = {"old": measure(with_paths(pool, pool_split=0, pool_pipeline=0), device),
+            "split only": measure(with_paths(pool, pool_pipeline=0), device),
+            "pipeline only": measure(with_paths(pool, pool_split=0), device)}
+    rows.append({"case": f"saliency op paths T={t} 1.5B", "ours_ms": ours[0], "ours_mib": ours[1],
+                 "baselines": base, "note": ours[2] or "ours = split + pipeline"})
+    bounds = sf.reference.oeb_bounds(seg.seg_ids, seg.seg_kinds_tensor(), "bridge").to(device)
+    kv_start = torch.zeros(1, dtype=torch.long, device=device)
+    for name, b in (("bridge", bounds), ("plain", torch.full_like(bounds, -1))):
+        attn = lambda b=b: sf.oeb_attention(q, k, v, kv_start, b, rule="bridge")  # noqa: E731
+        ours = measure(attn, device)
+        base = {"old": measure(with_paths(attn, oeb_ldmatrix=0, oeb_tile_fast=0), device),
+                "ldmatrix only": measure(with_paths(attn, oeb_tile_fast=0), device),
+                "tile-fast only": measure(with_paths(attn, oeb_ldmatrix=0), device),
+                "BN=64": measure(with_paths(attn, oeb_bn=64), device)}
+        rows.append({"case": f"oeb prefill paths T={t} {name}", "ours_ms": ours[0], "ours_mib": ours[1],
+                     "baselines": base, "note": ours[2] or "ours = ldmatrix + tile-fast, BN=32"})
+
+
 def table(rows):
     lines = [f"{'case':34} {'ours ms':>9} {'ours MiB':>9}  baselines (ms, ratio ours/baseline)"]
     for r in rows:
@@ -338,12 +385,12 @@ def main():
     ap.add_argument("--out", default="gpu_out/gpu_bench.json", help="JSON results (a .table file is written beside)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script")
-    ap.add_argument("--only", default="capture,determinism,oeb,saliency,model,generate",
+    ap.add_argument("--only", default="paths,capture,determinism,oeb,saliency,model,generate",
                     help="comma-separated parts to run")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rows = []
-    parts = {"capture": bench_capture, "determinism": bench_determinism, "oeb": bench_oeb,
+    parts = {"paths": bench_paths, "capture": bench_capture, "determinism": bench_determinism, "oeb": bench_oeb,
              "saliency": bench_saliency_op, "model": bench_model, "generate": bench_generate}
     import os
 

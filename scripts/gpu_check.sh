@@ -66,6 +66,18 @@ for dtype, d in ((torch.bfloat16, 64), (torch.float16, 128), (torch.float32, 64)
     ops.step_saliency_pool(q.detach(), k.detach(), v.detach(), dout, s, 4, d ** -0.5, "abs_mean")
     ops.step_saliency_pool(q.detach(), k.detach(), v.detach(), dout, s, 4, d ** -0.5, "sum_abs", lse=lse.detach(),
                            sink=sink.detach(), window=40, oeb_bounds=ob)
+# The kernel paths of issue 15 items 7, 8 that the defaults above do not take: the old paths, a key
+# split at every tile (tiny T gets no split from the auto plan), BN = 64 at d = 128.
+for dtype, d, paths in ((torch.bfloat16, 64, dict(pool_split=0, pool_pipeline=0, oeb_ldmatrix=0, oeb_tile_fast=0)),
+                        (torch.bfloat16, 64, dict(pool_split=1)),
+                        (torch.float16, 128, dict(pool_split=1, pool_pipeline=0, oeb_bn=64))):
+    q = torch.randn(1, 4, t, d, device=D, dtype=dtype)
+    k, v = torch.randn(1, 2, t, d, device=D, dtype=dtype), torch.randn(1, 2, t, d, device=D, dtype=dtype)
+    dout = torch.randn(1, 4, t, d, device=D, dtype=dtype)
+    bounds = reference.oeb_bounds(seg, kinds, "bridge").to(D)
+    with ops.kernel_paths(**paths):
+        ops.oeb_attention(q, k, v, torch.tensor([5], device=D), bounds, "bridge", 0.5, window=70)
+        ops.step_saliency_pool(q, k, v, dout, seg.to(D), 4, d ** -0.5, "abs_sum", window=40)
 for dtype in (torch.float32, torch.bfloat16):
     h = torch.randn(1, t, 48, device=D, dtype=dtype)
     ops.step_momentum(h, seg.to(D), kinds.to(D))  # > 64 tokens: the multi-kernel path

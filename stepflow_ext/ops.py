@@ -14,6 +14,8 @@ exception: oeb_attention runs the CPU kernel on host copies there.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.stepflow.*)
@@ -23,6 +25,26 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 HEAD_REDUCTIONS = ("sum_abs", "abs_sum", "abs_mean")
 OEB_RULES = ("bridge", "odds")
 OEB_EPS = 1e-6  # the epsilon of the paper's logit shifts (design.md 2.3)
+
+
+# --------------------------------------------------------------------------- kernel path switches
+
+
+@contextlib.contextmanager
+def kernel_paths(**values):
+    """Switch CUDA kernel paths for the duration of a `with` block (docs/method_kernels.md, "Kernel
+    paths and their switches"), e.g. kernel_paths(pool_split=0, oeb_ldmatrix=0) for the paths before
+    issue 15's items 7 and 8. Each switch starts from its environment variable (STEPFLOW_POOL_SPLIT,
+    STEPFLOW_POOL_PIPELINE, STEPFLOW_OEB_LDMATRIX, STEPFLOW_OEB_TILE_FAST, STEPFLOW_OEB_BN); the
+    values are process-wide (not per thread). The CPU kernels have no such paths."""
+    previous = {}
+    try:
+        for name, value in values.items():
+            previous[name] = _C._set_kernel_path(name, int(value))
+        yield dict(_C._kernel_paths())
+    finally:
+        for name, value in previous.items():
+            _C._set_kernel_path(name, value)
 
 
 # --------------------------------------------------------------------------- argument checks

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -33,6 +35,11 @@ DEFAULTS = {"target": "summary", "loss_reduction": "sum", "head_reduction": "sum
 # labels = input ids, i.e. every token after the first) and its head reduction (rule "ag", then the
 # mean over heads). Its step matrices are normalized("block").
 PRESETS = {"paper": {"target": "all", "loss_reduction": "mean", "head_reduction": "abs_mean"}}
+# Where the layer attends through the fused kernel (_fused_attention: eager models such as GPT-OSS),
+# its lse (the log-sum-exp over the valid real keys, no sink: what step_saliency_pool's lse means)
+# is handed to the pooling, which then skips its own pass over q K^T for the row statistics.
+# STEPFLOW_SALIENCY_LSE=0 (read once, at import) turns that off: the pooling recomputes them.
+REUSE_FUSED_LSE = os.environ.get("STEPFLOW_SALIENCY_LSE", "1") != "0"
 
 
 class StepSaliencyResult:
@@ -200,9 +207,11 @@ def resolve_options(target=None, loss_reduction=None, head_reduction=None, prese
 class _SaliencyCapture:
     """Attention controller: run `inner`, hook the output gradient, pool it into the layer's map."""
 
-    def __init__(self, seg_ids, num_segments, head_reduction, maps, stepflow=None):
+    def __init__(self, seg_ids, num_segments, head_reduction, maps, stepflow=None, fused_lse=None):
         self.seg_ids, self.num_segments, self.head_reduction, self.maps = seg_ids, num_segments, head_reduction, maps
         self.stepflow = stepflow  # the model's StepFlowHandle, if any: its OEB layers attend with A', not A
+        # layer -> the lse its last _fused_attention call returned (filled by _fused; None: not reused)
+        self.fused_lse = fused_lse
 
     def _oeb_args(self, layer) -> dict:
         """Keyword args of step_saliency_pool that describe the layer's OEB (empty without OEB)."""
@@ -219,11 +228,20 @@ class _SaliencyCapture:
 
     def make(self, inner):
         def attention(module, query, key, value, attention_mask, **kwargs):
-            out, weights = inner(module, query, key, value, attention_mask, **kwargs)
+            layer = module.layer_idx
+            lse = None
+            if self.fused_lse is not None:
+                self.fused_lse.pop(layer, None)   # only what this call's fused attention leaves is read
+                out, weights = inner(module, query, key, value, attention_mask, **kwargs)
+                lse = self.fused_lse.pop(layer, None)
+            else:
+                out, weights = inner(module, query, key, value, attention_mask, **kwargs)
             if torch.is_grad_enabled() and out.requires_grad:
-                layer, scaling = module.layer_idx, kwargs.get("scaling") or module.scaling
+                scaling = kwargs.get("scaling") or module.scaling
                 q, k, v = query.detach(), key.detach(), value.detach()
                 extra = self._oeb_args(layer)
+                if _reusable_lse(lse, q, extra):
+                    extra["lse"] = lse
                 window = kwargs.get("sliding_window")
                 if window is not None and "window" not in extra:
                     extra["window"] = int(window)   # the layer attends to keys j > i - window only
@@ -242,25 +260,39 @@ class _SaliencyCapture:
         return attention
 
 
-def _fused_attention(kv_start):
+def _reusable_lse(lse, q, extra) -> bool:
+    """Whether the fused attention's lse may stand for the pooling's own row statistics: it is the
+    lse of this very q (same shape) over the same keys (kv_start = the row's first real token, one
+    run of real tokens per row: the valid keys; the same window; no sink in it, as the pooling's
+    lse), fp32 as the schema wants. Not for float64 (an fp32 lse would cost the pooling its fp64
+    precision) and not with OEB (the pooling then takes lse from its group masses anyway)."""
+    return (lse is not None and lse.dtype == torch.float32 and q.dtype != torch.float64
+            and tuple(lse.shape) == tuple(q.shape[:3]) and lse.device == q.device and "oeb_bounds" not in extra)
+
+
+def _fused_attention(kv_start, lse_out=None):
     """The attention of an eager model under step_saliency, without a T x T matrix: the project's
     kernel with no row intervened (bounds (-1, -1)), the layer's sink logits (GPT-OSS) and sliding
-    window; kv_start (B,) is each row's first real token (the segmentation's padding)."""
+    window; kv_start (B,) is each row's first real token (the segmentation's padding). lse_out
+    (a dict, optional) receives the kernel's lse under the module's layer index."""
     def attention(module, query, key, value, **kwargs):
         batch, _, length, _ = query.shape
         bounds = torch.full((batch, length, 2), -1, dtype=torch.long, device=query.device)
         window = kwargs.get("sliding_window")
-        out, _, _ = ops.oeb_attention(query, key, value, kv_start, bounds, sink=getattr(module, "sinks", None),
-                                      window=None if window is None else int(window),
-                                      scale=kwargs.get("scaling") or module.scaling)
+        out, lse, _ = ops.oeb_attention(query, key, value, kv_start, bounds, sink=getattr(module, "sinks", None),
+                                        window=None if window is None else int(window),
+                                        scale=kwargs.get("scaling") or module.scaling)
+        if lse_out is not None:
+            lse_out[module.layer_idx] = lse
         return out.transpose(1, 2).contiguous(), None
     return attention
 
 
 @contextlib.contextmanager
-def _fused(model, installed, seg_ids):
+def _fused(model, installed, seg_ids, lse_out=None):
     """Eager models (GPT-OSS has no SDPA path in transformers) attend through _fused_attention and
-    get no 4D mask: nothing of size T x T is built. Rows must hold one run of real tokens."""
+    get no 4D mask: nothing of size T x T is built. Rows must hold one run of real tokens. lse_out:
+    see _fused_attention."""
     if not installed.fusable:
         yield
         return
@@ -270,7 +302,7 @@ def _fused(model, installed, seg_ids):
     token = hf.SKIP_MASK.set(True)
     try:
         for module in modules:
-            module._stepflow_fused = _fused_attention(kv_start)
+            module._stepflow_fused = _fused_attention(kv_start, lse_out)
         yield
     finally:
         for module in modules:
@@ -382,14 +414,16 @@ def step_saliency(model, input_ids, segmentation: Segmentation, target=None, hea
     seg_ids = segmentation.seg_ids.to(device)
     maps: dict[int, torch.Tensor] = {}
     handle = getattr(model, "_stepflow_handle", None)
-    capture = _SaliencyCapture(seg_ids, num_segments, head_reduction, maps, stepflow=handle)
     previous = getattr(handle, "_forced", None) if handle is not None else None
     installed = hf.Installed.on(model)
+    fused_lse = {} if (REUSE_FUSED_LSE and installed.fusable) else None
+    capture = _SaliencyCapture(seg_ids, num_segments, head_reduction, maps, stepflow=handle, fused_lse=fused_lse)
     token = installed.push(capture.make)
     try:
         if handle is not None:
             handle.set_segmentation(segmentation.to(device))
-        with _frozen(model, gradient_checkpointing), _fused(model, installed, seg_ids), torch.enable_grad():
+        with _frozen(model, gradient_checkpointing), _fused(model, installed, seg_ids, fused_lse), \
+                torch.enable_grad():
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             out = model.base_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
             loss = _nll(model, out.last_hidden_state, input_ids, targets.to(device),

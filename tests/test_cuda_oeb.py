@@ -463,6 +463,124 @@ def test_backward_direct_call_ignores_lse_values(seed):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=lambda m: f"d{name}: {m}")
 
 
+# --------------------------------------------- kernel paths of issue 15 item 8 (tensor cores)
+
+# The tensor-core row kernel's paths (docs/method_kernels.md, "Kernel paths and their switches"):
+# "old" = scalar 16-bit V loads, per-element slot masks on every tile, 32 keys per tile at d = 128.
+OEB_PATHS = {
+    "old": dict(oeb_ldmatrix=0, oeb_tile_fast=0, oeb_bn=0),
+    "ldmatrix": dict(oeb_ldmatrix=1, oeb_tile_fast=0, oeb_bn=0),
+    "tile-fast": dict(oeb_ldmatrix=0, oeb_tile_fast=1, oeb_bn=0),
+    "new": dict(oeb_ldmatrix=1, oeb_tile_fast=1, oeb_bn=0),
+    "bn64": dict(oeb_ldmatrix=1, oeb_tile_fast=1, oeb_bn=64),
+}
+# How far two paths' outputs may differ: a few units in the last place of the dtype (they round
+# the same fp32 values, up to the compiler's contraction choices in the one-slot tile step).
+PATH_ULPS = {torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -9}
+
+# (batch, heads, kv_heads, tq, tk, dim, window, sink): long segments (tiles inside one group for
+# whole warps), odd lengths, padding, GQA packing, windows, the split-KV decode path; d = 256 runs
+# the scalar path (every switch leaves it alone: the paths must agree exactly there).
+OEB_PATH_CASES = [
+    pytest.param(2, 8, 2, 333, 333, 64, None, False, id="prefill-gqa8/2-T333-d64"),
+    pytest.param(2, 8, 2, 333, 333, 128, None, True, id="prefill-gqa8/2-T333-d128-sink"),
+    pytest.param(1, 6, 1, 517, 517, 128, 100, False, id="prefill-mqa-T517-d128-window100"),
+    pytest.param(2, 4, 2, 250, 250, 96, 70, True, id="prefill-T250-d96-window70-sink"),
+    pytest.param(2, 4, 2, 97, 97, 256, None, False, id="prefill-T97-d256-scalar"),
+    pytest.param(2, 12, 2, 1, 3001, 128, None, True, id="decode-Tk3001-d128-sink"),
+    pytest.param(2, 4, 2, 5, 1500, 64, 600, False, id="chunk5-Tk1500-d64-window600"),
+]
+
+
+def assert_paths_agree(a, b, dtype, what, exact=False):
+    out_a, lse_a, st_a = a
+    out_b, lse_b, st_b = b
+    if exact:
+        assert torch.equal(out_a, out_b) and torch.equal(lse_a, lse_b) and torch.equal(st_a, st_b), what
+        return
+    tol = PATH_ULPS[dtype]
+    torch.testing.assert_close(out_a.float(), out_b.float(), atol=tol, rtol=tol, msg=lambda m: f"{what}: out: {m}")
+    torch.testing.assert_close(lse_a, lse_b, atol=1e-5, rtol=1e-6, msg=lambda m: f"{what}: lse: {m}")
+    torch.testing.assert_close(st_a[..., :4], st_b[..., :4], atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: stats: {m}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("batch,heads,kv_heads,tq,tk,dim,window,sink", OEB_PATH_CASES)
+def test_forward_paths_match_reference_and_each_other(seed, batch, heads, kv_heads, tq, tk, dim, window, sink,
+                                                      dtype, rule):
+    """Every path of the row kernel against the float64 reference, and against the old path. Prints
+    which paths equal the old one bit for bit (ldmatrix only moves the same bits into the same mma:
+    expected equal)."""
+    strength = 0.7
+    case, want = triggering_case(rule, strength, window, batch, heads, kv_heads, tq, tk, dim, dtype,
+                                 empty_row=(1 < tq < tk), sink=sink)
+    q, k, v, kv_start, bounds, s, scale = case
+    got = {}
+    for name, paths in OEB_PATHS.items():
+        with ops.kernel_paths(**paths):
+            got[name] = op(q, k, v, kv_start, bounds, rule, strength, s, window, scale)
+        check_forward(got[name], want, dtype, kv_start, bounds, rule, window, tk)
+    same = [name for name in OEB_PATHS if all(torch.equal(x, y) for x, y in zip(got[name], got["old"]))]
+    print(f"\n  oeb paths equal to 'old' bit for bit: {same}")
+    for name in OEB_PATHS:
+        assert_paths_agree(got[name], got["old"], dtype, f"{name} vs old", exact=dim > 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dim", [64, 128])
+def test_backward_paths_match_reference(seed, dim, dtype):
+    """The backward's first pass runs the same row kernel (rows mode): its gradients on every path
+    against the float64 reference and the old path."""
+    rule, strength, window = "bridge", 0.6, 50
+    (q, k, v, kv_start, bounds, s, scale), _ = triggering_case(rule, strength, window, 2, 4, 2, 200, 200, dim, dtype,
+                                                               sink=True)
+    grad_out = torch.randn(q.shape, dtype=torch.float64, device=DEV).to(dtype)
+    want = ref_grads(q, k, v, kv_start, bounds, rule, strength, s, window, scale, grad_out)
+    got = {}
+    for name, paths in OEB_PATHS.items():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, s)]
+        with ops.kernel_paths(**paths):
+            out, _, _ = op(*leaves[:3], kv_start, bounds, rule, strength, leaves[3], window, scale)
+            got[name] = torch.autograd.grad(out, leaves, grad_out)
+        for gname, a, b in zip(["q", "k", "v", "sink"], got[name], want):
+            assert_close(a, b, dtype, f"{name}: d{gname}", scale_by_max=True)
+    for name in OEB_PATHS:
+        for gname, a, b in zip(["q", "k", "v", "sink"], got[name], got["old"]):
+            assert_close(a, b, dtype, f"{name} vs old: d{gname}", scale_by_max=True)
+
+
+def test_prefill_T8192_paths_agree(seed):
+    """T = 8192, d = 128, bf16, the bridge rule on a question / steps / summary trace: the paths
+    (BN = 64 included) agree with the old one, and with bounds (-1, -1) with SDPA."""
+    b, h, hkv, t, d = 1, 4, 2, 8192, 128
+    seg_ids, kinds = long_trace(t)
+    bounds = reference.oeb_bounds(seg_ids, kinds, "bridge").to(DEV)
+    kv_start = torch.zeros(b, dtype=torch.long, device=DEV)
+    q = torch.randn(b, h, t, d, device=DEV)
+    k = torch.randn(b, hkv, t, d, device=DEV)
+    channel = reference.channel_of_tokens(seg_ids, kinds).to(DEV)
+    q[..., 0] = 4.0
+    k[..., 0] = torch.tensor([-4.0, -3.0, 0.0], device=DEV)[channel] / (4.0 * d ** -0.5)
+    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    v = torch.randn(b, hkv, t, d, device=DEV, dtype=torch.bfloat16)
+    scale = d ** -0.5
+    off = torch.full_like(bounds, -1)
+    sdpa_out = F.scaled_dot_product_attention(q, k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1),
+                                              is_causal=True, scale=scale)
+    base = {}
+    for name, paths in OEB_PATHS.items():
+        with ops.kernel_paths(**paths):
+            plain = op(q, k, v, kv_start, off, "bridge", 0.0, None, None, scale)
+            bridged = op(q, k, v, kv_start, bounds, "bridge", 0.0, None, None, scale)
+        assert_close(plain[0], sdpa_out, torch.bfloat16, f"{name}: out vs SDPA")
+        assert active_rows(bridged[2]) > h * t // 4
+        if not base:
+            base = {"plain": plain, "bridged": bridged}
+        assert_paths_agree(plain, base["plain"], torch.bfloat16, f"{name} vs old (plain)")
+        assert_paths_agree(bridged, base["bridged"], torch.bfloat16, f"{name} vs old (bridge)")
+
+
 # ---------------------------------------------------------------------------------- opcheck
 
 

@@ -479,6 +479,92 @@ def test_saliency_longer_t_matches_cpu(seed):
             assert bool(((got - cpu).abs() <= bound).all()), reduction
 
 
+# ------------------------------------------- kernel paths of issue 15 item 7 (split, pipeline)
+
+# The main kernel's paths (docs/method_kernels.md, "Kernel paths and their switches"): "old" is the
+# grid of one CTA per query block with synchronous tile loads; pool_split = n > 0 gives n key tiles
+# per CTA (1: every tile its own CTA), -1 the auto plan; pool_pipeline the cp.async double buffer
+# (bf16 / fp16 with one head-dim chunk of 16-byte rows; other cases take the synchronous loop).
+POOL_PATHS = {
+    "old": dict(pool_split=0, pool_pipeline=0),
+    "split-auto": dict(pool_split=-1, pool_pipeline=0),
+    "split1": dict(pool_split=1, pool_pipeline=0),
+    "split3-pipe": dict(pool_split=3, pool_pipeline=1),
+    "pipe": dict(pool_split=0, pool_pipeline=1),
+    "new": dict(pool_split=-1, pool_pipeline=1),
+}
+
+# (b, h, h_kv, t, d, pad, window): odd lengths, padding on both sides, GQA / MQA, head dims of one
+# chunk (64, 80, 128) and of two (256), windows smaller and larger than a tile.
+POOL_PATH_SHAPES = [
+    pytest.param(2, 6, 2, 333, 64, "left", None, id="gqa-B2-leftpad-T333-d64"),
+    pytest.param(1, 4, 1, 517, 128, "right", 100, id="mqa-rightpad-T517-d128-window100"),
+    pytest.param(3, 4, 2, 200, 80, "left", 7, id="gqa-B3-T200-d80-window7"),
+    pytest.param(1, 2, 2, 150, 256, "right", None, id="T150-d256-two-chunks"),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("b,h,h_kv,t,d,pad,window", POOL_PATH_SHAPES)
+def test_saliency_paths_match_reference_and_each_other(seed, b, h, h_kv, t, d, pad, window, dtype):
+    """Every path of the main kernel against the float64 reference (with a sink, and with OEB), and
+    the new paths against the old one within twice the tolerance; the split paths differ from the
+    old one only in the order of the fp64 atomics (the last bits)."""
+    tensors, s, scale, kinds = sal_inputs(b, h, h_kv, t, d, dtype=dtype, pad=pad, gaps=BRIDGE_GAPS)
+    q, k, v, dout, seg_ids = tensors
+    sink = torch.randn(h, device=CUDA)
+    for extra in (dict(window=window, sink=sink), dict(oeb_kwargs(seg_ids, kinds), window=window)):
+        for reduction in ("sum_abs", "abs_mean"):
+            expected, mag = ref_maps(q, k, v, dout, seg_ids, s, scale, reduction, **extra)
+            assert float(expected.abs().max()) > 0
+            got = {}
+            for name, paths in POOL_PATHS.items():
+                with ops.kernel_paths(**paths):
+                    got[name] = ops.step_saliency_pool(q, k, v, dout, seg_ids, s, scale, reduction, **extra)
+                torch.cuda.synchronize()
+                assert_map_close(got[name], expected, mag, seg_ids, s)
+            for name in POOL_PATHS:
+                assert_map_close(got[name], got["old"].double(), mag, seg_ids, s, factor=2.0)
+
+
+@pytest.mark.parametrize("window", [None, 1000], ids=lambda w: f"window{w}")
+def test_saliency_paths_T8192_B1(seed, window):
+    """The case of item 7: T = 8192, B = 1 (128 query blocks; the auto plan cuts the causal band
+    into many CTAs), GQA 4 / 2, d = 64, bf16, several segments per tile near the ends: every path
+    against the float64 reference."""
+    b, h, h_kv, t, d = 1, 4, 2, 8192, 64
+    lengths = [333] + [97] * 8 + [1000] * 6 + [1] * 5 + [882] + [5, 3, 1]
+    lengths[-1] += t - sum(lengths)
+    seg_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    seg_ids[0, :29] = -1   # left padding: the first block starts inside a tile
+    tensors, s, scale, _ = sal_inputs(b, h, h_kv, t, d, torch.bfloat16, seg_ids=seg_ids)
+    q, k, v, dout, seg_ids = tensors
+    expected, mag = ref_maps(q, k, v, dout, seg_ids, s, scale, "abs_mean", window=window)
+    for name, paths in POOL_PATHS.items():
+        with ops.kernel_paths(**paths):
+            got = ops.step_saliency_pool(q, k, v, dout, seg_ids, s, scale, "abs_mean", window=window)
+        torch.cuda.synchronize()
+        assert_map_close(got, expected, mag, seg_ids, s)
+    del expected, mag
+    torch.cuda.empty_cache()
+
+
+def test_saliency_deterministic_mode_takes_no_split(seed):
+    """Under torch.use_deterministic_algorithms(True) the op runs the CPU kernel on host copies
+    whatever the kernel paths say (the split and pipelined paths sum with atomics in a varying
+    order): repeatable bit for bit and equal to the CPU kernel."""
+    tensors, s, scale, _ = sal_inputs(1, 4, 2, 300, 64, torch.bfloat16)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        cpu = ops.step_saliency_pool(*(x.cpu() for x in tensors), s, scale, "abs_sum")
+        with ops.kernel_paths(pool_split=1, pool_pipeline=1):
+            runs = [ops.step_saliency_pool(*tensors, s, scale, "abs_sum") for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert runs[0].device.type == "cuda" and torch.equal(runs[0], runs[1]) and torch.equal(runs[0].cpu(), cpu)
+
+
 # =========================================================================== step_momentum
 
 Q, P, M = QUESTION, STEP, SUMMARY

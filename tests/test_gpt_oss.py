@@ -345,3 +345,54 @@ def test_saliency_under_replace_attention_equals_materialized(capsys):
               f"OEB fired {fired}, layer 0 maps changed by {change:.2e} (relative)")
     assert sum(fired.values()) > 0 and change > 1e-3
     assert_rel_close(block, expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama"])
+def test_step_saliency_reuses_the_fused_lse(arch, monkeypatch):
+    """Where step_saliency attends through the fused kernel (eager models: GPT-OSS with sinks and
+    sliding windows, an eager Llama with GQA), every layer's pooling gets that kernel's lse instead of
+    recomputing q K^T for the row statistics, and the maps equal those of the recomputing path
+    (saliency.REUSE_FUSED_LSE = False, what STEPFLOW_SALIENCY_LSE=0 sets) to fp32 rounding. The
+    pooling reads a given lse (shifting it by log 2 halves a map without sinks), so a passed lse is
+    not recomputed; an SDPA model (no fused path) passes none."""
+    import math
+
+    from hf_models import model as hf_model
+    from stepflow_ext import hf, ops, saliency
+    from test_saliency_paper import assert_rel_close
+
+    model = fx.model(seed=3) if arch == "gpt_oss" else hf_model("llama", attn="eager", seed=2)
+    ids, mask, seg = _saliency_batch(model)
+    pool = ops.step_saliency_pool
+    calls = []
+
+    def spy(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction="sum_abs", lse=None, **extra):
+        calls.append(lse)
+        got = pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction, lse=lse, **extra)
+        if lse is not None and "sink" not in extra:
+            shifted = pool(q, k, v, grad_out, seg_ids, num_segments, scale, head_reduction, lse=lse + math.log(2.0),
+                           **extra)
+            torch.testing.assert_close(shifted, got / 2, rtol=1e-5, atol=1e-12)
+        return got
+
+    monkeypatch.setattr(ops, "step_saliency_pool", spy)
+    for preset in ("paper", None):
+        calls.clear()
+        monkeypatch.setattr(saliency, "REUSE_FUSED_LSE", True)
+        reused = sf.step_saliency(model, ids, seg, preset=preset, attention_mask=mask)
+        layers = hf.num_layers(model)
+        assert len(calls) == layers and all(x is not None for x in calls), "a layer's pooling recomputed its lse"
+        assert all(x.dtype == torch.float32 and tuple(x.shape) == (ids.shape[0], model.config.num_attention_heads,
+                                                                   ids.shape[1]) for x in calls)
+        calls.clear()
+        monkeypatch.setattr(saliency, "REUSE_FUSED_LSE", False)
+        recomputed = sf.step_saliency(model, ids, seg, preset=preset, attention_mask=mask)
+        assert len(calls) == layers and all(x is None for x in calls)
+        assert_rel_close(reused.maps, recomputed.maps, rel=1e-4)
+        assert_rel_close(reused.normalized("block"), recomputed.normalized("block"), rel=1e-4)
+    # an SDPA model has no fused attention: nothing to reuse
+    if arch == "llama":
+        calls.clear()
+        monkeypatch.setattr(saliency, "REUSE_FUSED_LSE", True)
+        sf.step_saliency(hf_model("llama", attn="sdpa", seed=2), ids, seg, preset="paper", attention_mask=mask)
+        assert calls and all(x is None for x in calls)

@@ -44,8 +44,11 @@
 //   - tensor cores (bf16 / fp16, d <= 128, head dim bucket 64 or 128, 16-byte aligned rows):
 //     each warp owns 16 rows, S = Q K^T and P V are warp-level m16n8k16 mma.sync products with
 //     fp32 accumulation, P goes from the S accumulators to the A operand in registers (as in
-//     flash-attention 2); K / V tiles are double buffered with cp.async; 1 warp per CTA for a
-//     few rows (decode), else 4;
+//     flash-attention 2); K / V tiles are double buffered with cp.async; V's B fragments come
+//     from ldmatrix.trans; a key tile inside one slot for all 16 rows of a warp skips the
+//     per-element slot masks; 64 keys per tile at D = 64, 32 at D = 128 (64 selectable); 1 warp
+//     per CTA for a few rows (decode), else 4. ldmatrix, the one-slot step and the tile width
+//     are switchable (csrc/include/tuning.h, docs/method_kernels.md section 6);
 //   - scalar FMA (fp32 inputs, whose 2e-5 test tolerance rules out tf32; any dtype with
 //     128 < d <= 256 or unaligned rows): fp32 tiles in shared memory, 8 lanes per row, float4
 //     dot products.
@@ -94,6 +97,8 @@
 #include "checks.h"
 #include "device_checks.cuh"
 #include "oeb_rule.h"
+#include "kernel_index.h"
+#include "tuning.h"
 
 namespace stepflow {
 namespace {
@@ -191,6 +196,43 @@ struct Mma16 {
     const Elem* p = s + (k0 + 2 * tig) * ld + n0 + grp;
     f.x[0] = pack_bits(p, p + ld);
     f.x[1] = pack_bits(p + 8 * ld, p + 9 * ld);
+  }
+  // load_b_kmajor by ldmatrix.trans (issue 15 item 8): the same B fragments, one instruction for
+  // two (x4: column tiles n0 and n0 + 8) or one (x2) instead of 4 (8) scalar 16-bit loads. Matrix
+  // q of an ldmatrix is 8 rows of 8 consecutive 16-bit elements whose row addresses come from lanes
+  // 8q .. 8q + 7; with .trans lane 4 g + t receives (row 2t, column g) and (row 2t + 1, column g) of
+  // matrix q in its register q, the lower-numbered row in the low half. Rows of V are keys (k) and
+  // columns are n, so matrix q = keys k0 + 8 (q & 1) + [0, 8) at columns n0 + 8 (q >> 1) + [0, 8)
+  // gives lane (g, t) exactly B[2t][g], B[2t + 1][g] (q even) and B[2t + 8][g], B[2t + 9][g] (q odd)
+  // of the m16n8k16 B layout. Rows must be 16-byte aligned: ld and n0 multiples of 8 elements
+  // (tests/test_cuda_index_emulation.py replays this layout against the scalar loads).
+  static __device__ __forceinline__ void load_b_kmajor_x4(B& f0, B& f1, const Elem* s, int ld, int k0, int n0) {
+    int row, col;
+    index::ldm_x4_trans_row(threadIdx.x & 31, k0, n0, row, col);
+    const Elem* p = s + row * ld + col;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(f0.x[0]), "=r"(f0.x[1]), "=r"(f1.x[0]), "=r"(f1.x[1])
+                 : "r"(a));
+#else
+    (void)p;
+    f0.x[0] = f0.x[1] = f1.x[0] = f1.x[1] = 0u;
+#endif
+  }
+  static __device__ __forceinline__ void load_b_kmajor_x2(B& f, const Elem* s, int ld, int k0, int n0) {
+    int row, col;
+    index::ldm_x2_trans_row(threadIdx.x & 31, k0, n0, row, col);
+    const Elem* p = s + row * ld + col;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(f.x[0]), "=r"(f.x[1])
+                 : "r"(a));
+#else
+    (void)p;
+    f.x[0] = f.x[1] = 0u;
+#endif
   }
   static __device__ __forceinline__ void a_from_c(A& f, const float lo[4], const float hi[4]) {
     f.x[0] = pack_f(lo[0], lo[1]);
@@ -340,6 +382,7 @@ struct FwdParams {
   int window;  // <= 0: full attention
   int mode, tiles_per_split;
   int vec;  // tensor-core path: 16-byte loads allowed
+  int tile_fast;  // tensor-core path: the one-slot tile step (kernel_path(kOebTileFast))
   int sd;   // scalar path: shared row stride in floats
   float scale, scale_log2;
   oeb::RuleParams rule;
@@ -520,10 +563,16 @@ __device__ __forceinline__ float* part_record(const FwdParams& p, const BlockRow
 // Tensor-core path (bf16 / fp16, head dim bucket D = 64 or 128, 16-byte aligned rows). blockDim =
 // 32 nw, nw = 1 (few rows: decode) or 4; each warp owns 16 packed rows. K and V tiles are double
 // buffered: the copies of tile t + 1 (cp.async) run while tile t is multiplied.
+// Keys per tile by default: 64, or 32 at D = 128 (keeps two U's in registers). BN = 64 at D = 128
+// is the STEPFLOW_OEB_BN=64 variant, to be measured against it on a GPU (more registers).
 template <int D>
+constexpr int kDefaultBN = D <= 64 ? 64 : 32;
+
+template <int D, int BN_ = kDefaultBN<D>>
 struct MmaFwdCfg {
-  static constexpr int BN = D <= 64 ? 64 : 32;  // keys per tile (32 at D = 128 keeps two U's in registers)
-  static constexpr int LD = D + 8;              // padded rows: conflict-free fragment loads
+  static constexpr int BN = BN_;                // keys per tile
+  static constexpr int LD = D + 8;              // padded rows: conflict-free fragment loads (and 16-byte
+                                                // aligned ones for ldmatrix: (D + 8) * 2 bytes)
   static constexpr int kMinBlocks = 2;
   // Q, then K and V twice (16-bit elements); then U_0, 16 rows x D fp32 per warp.
   static size_t smem(int nw) { return size_t(16 * nw + 4 * BN) * LD * 2 + size_t(nw) * 16 * D * sizeof(float); }
@@ -531,7 +580,9 @@ struct MmaFwdCfg {
 
 // acc[n] += P_slot V over one K/V tile, P_slot = the tile's probabilities masked to one slot
 // (bit nt * 4 + e of mask: element e of column tile nt).
-template <typename Elem, int D, int BN>
+// kLdm: V fragments by ldmatrix.trans (two column tiles per instruction at D = 64, one at
+// D = 128), else scalar loads.
+template <typename Elem, int D, int BN, bool kLdm>
 __device__ __forceinline__ void pv_accumulate(float (&acc)[D / 8][4], const float (&pr)[BN / 8][4], uint32_t mask,
                                               const Elem* sV, int ld) {
   using O = Mma16<Elem>;
@@ -545,11 +596,30 @@ __device__ __forceinline__ void pv_accumulate(float (&acc)[D / 8][4], const floa
     }
     typename O::A fa;
     O::a_from_c(fa, lo, hi);
+    if constexpr (kLdm && D <= 64) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      typename O::B fb;
-      O::load_b_kmajor(fb, sV, ld, kc * 16, n * 8);
-      O::mma(acc[n], fa, fb);
+      for (int n = 0; n < D / 8; n += 2) {
+        typename O::B f0, f1;
+        O::load_b_kmajor_x4(f0, f1, sV, ld, kc * 16, n * 8);
+        O::mma(acc[n], fa, f0);
+        O::mma(acc[n + 1], fa, f1);
+      }
+    } else if constexpr (kLdm) {
+      // D = 128: one column tile per ldmatrix (x2); x4's two extra live registers cost spills
+      // next to the two 16 x 128 accumulators (ptxas, sm_90).
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        typename O::B fb;
+        O::load_b_kmajor_x2(fb, sV, ld, kc * 16, n * 8);
+        O::mma(acc[n], fa, fb);
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        typename O::B fb;
+        O::load_b_kmajor(fb, sV, ld, kc * 16, n * 8);
+        O::mma(acc[n], fa, fb);
+      }
     }
   }
 }
@@ -558,7 +628,7 @@ __device__ __forceinline__ void pv_accumulate(float (&acc)[D / 8][4], const floa
 // thread's element e of column tile n (the C-fragment layout, so it is private to the thread).
 // U_0 <- alpha U_0 + P_0 V, alpha[rho] the rescale of row half rho to the slot's new running max;
 // one 16 x 8 fragment at a time (4 accumulator registers).
-template <typename Elem, int D, int BN>
+template <typename Elem, int D, int BN, bool kLdm>
 __device__ __forceinline__ void pv_accumulate_smem(float* u0, const float (&pr)[BN / 8][4], uint32_t mask,
                                                    const float (&alpha)[2], const Elem* sV, int ld) {
   using O = Mma16<Elem>;
@@ -576,7 +646,11 @@ __device__ __forceinline__ void pv_accumulate_smem(float* u0, const float (&pr)[
       typename O::A fa;
       O::a_from_c(fa, lo, hi);
       typename O::B fb;
-      O::load_b_kmajor(fb, sV, ld, kc * 16, n * 8);
+      if constexpr (kLdm) {
+        O::load_b_kmajor_x2(fb, sV, ld, kc * 16, n * 8);
+      } else {
+        O::load_b_kmajor(fb, sV, ld, kc * 16, n * 8);
+      }
       O::mma(c, fa, fb);
     }
 #pragma unroll
@@ -587,12 +661,16 @@ __device__ __forceinline__ void pv_accumulate_smem(float* u0, const float (&pr)[
   }
 }
 
-template <typename Elem, int D>
-__global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_kernel(const FwdParams p) {
+// Template arguments: BN keys per tile (kDefaultBN<D> or 64), kLdm V fragments by ldmatrix.trans.
+// p.tile_fast: tiles inside one slot for all rows of a warp skip the per-element slot masks.
+template <typename Elem, int D, int BN, bool kLdm>
+__global__ void __launch_bounds__(128, MmaFwdCfg<D, BN>::kMinBlocks) oeb_fwd_mma_kernel(const FwdParams p) {
   using O = Mma16<Elem>;
-  using Cfg = MmaFwdCfg<D>;
-  constexpr int BN = Cfg::BN, LD = Cfg::LD, NTN = BN / 8, ND = D / 8;
+  using Cfg = MmaFwdCfg<D, BN>;
+  constexpr int LD = Cfg::LD, NTN = BN / 8, ND = D / 8;
   static_assert(NTN * 4 <= 32, "the slot masks hold one bit per score of a thread");
+  static_assert(ND % 2 == 0 && LD % 8 == 0, "ldmatrix: pairs of column tiles, 16-byte aligned rows");
+  constexpr uint32_t kAllBits = NTN * 4 == 32 ? 0xffffffffu : ((1u << (NTN * 4)) - 1u);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int nw = static_cast<int>(blockDim.x >> 5);
   const int BM = 16 * nw;
@@ -654,15 +732,27 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
     const Elem* sK = sKV + 2 * buf * BN * LD;
     const Elem* sV = sK + BN * LD;
 
-    // Which slots does this tile touch for any row of the warp (warp-uniform)?
-    bool has[3] = {false, false, false};
+    // The tile's work for the warp's 16 rows. U = -1: the general step, every score's slot from
+    // its row's key ranges; U = 0, 1, 2: every row of the warp has all BN keys of the tile in slot
+    // U (the tile lies inside one group: below the diagonal, past the window start), so the slot
+    // masks are compile-time constants and the per-element tests fold away. The same arithmetic
+    // in the same order either way.
+    auto step = [&](auto uni) {
+      constexpr int U = decltype(uni)::value;
+      bool any[3];
+      if constexpr (U < 0) {
+        // Which slots does this tile touch for any row of the warp (warp-uniform)?
+        bool has[3] = {false, false, false};
 #pragma unroll
-    for (int rho = 0; rho < 2; ++rho)
+        for (int rho = 0; rho < 2; ++rho)
 #pragma unroll
-      for (int s = 0; s < 3; ++s) has[s] = has[s] || (max(rc[rho].k[s], j0) < min(rc[rho].k[s + 1], j0 + BN));
-    const bool any0 = __any_sync(kFull, has[0]), any1 = __any_sync(kFull, has[1]), any2 = __any_sync(kFull, has[2]);
-    if (any0 || any1 || any2) {  // else e.g. above the causal diagonal or left of the window for this warp
-      const bool any[3] = {any0, any1, any2};
+          for (int s = 0; s < 3; ++s) has[s] = has[s] || (max(rc[rho].k[s], j0) < min(rc[rho].k[s + 1], j0 + BN));
+        any[0] = __any_sync(kFull, has[0]), any[1] = __any_sync(kFull, has[1]), any[2] = __any_sync(kFull, has[2]);
+        if (!(any[0] || any[1] || any[2])) return;  // e.g. above the causal diagonal or left of the window
+      } else {
+        any[0] = U == 0, any[1] = U == 1, any[2] = U == 2;
+      }
+      const bool any0 = any[0], any1 = any[1], any2 = any[2];
 
       // S = Q K^T for the warp's 16 rows, then in log2 units of the scaled scores.
       float sc[NTN][4];
@@ -684,16 +774,19 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
       // Slot of every score: bit nt * 4 + e of mask[slot]; element e is row grp + 8 (e >> 1),
       // key j0 + nt * 8 + 2 tig + (e & 1).
       uint32_t mask[3] = {0u, 0u, 0u};
+      if constexpr (U >= 0) mask[U] = kAllBits;
 #pragma unroll
       for (int nt = 0; nt < NTN; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           sc[nt][e] *= p.scale_log2;
-          const int s = slot_of(rc[e >> 1], j0 + nt * 8 + 2 * tig + (e & 1));
-          const uint32_t bit = 1u << (nt * 4 + e);
-          if (s == 0) mask[0] |= bit;
-          if (s == 1) mask[1] |= bit;
-          if (s == 2) mask[2] |= bit;
+          if constexpr (U < 0) {
+            const int s = slot_of(rc[e >> 1], j0 + nt * 8 + 2 * tig + (e & 1));
+            const uint32_t bit = 1u << (nt * 4 + e);
+            if (s == 0) mask[0] |= bit;
+            if (s == 1) mask[1] |= bit;
+            if (s == 2) mask[2] |= bit;
+          }
         }
       // Online softmax per slot: new running max, rescale what was accumulated under the old one.
       float alpha0[2] = {1.f, 1.f};  // slot 0's rescale, applied where U_0 is updated
@@ -739,9 +832,27 @@ __global__ void __launch_bounds__(128, MmaFwdCfg<D>::kMinBlocks) oeb_fwd_mma_ker
           sc[nt][e] = pv;
         }
       // U_s += P_s V per slot.
-      if (any0) pv_accumulate_smem<Elem, D, BN>(u0, sc, mask[0], alpha0, sV, LD);
-      if (any1) pv_accumulate<Elem, D, BN>(acc1, sc, mask[1], sV, LD);
-      if (any2) pv_accumulate<Elem, D, BN>(acc2, sc, mask[2], sV, LD);
+      if (any0) pv_accumulate_smem<Elem, D, BN, kLdm>(u0, sc, mask[0], alpha0, sV, LD);
+      if (any1) pv_accumulate<Elem, D, BN, kLdm>(acc1, sc, mask[1], sV, LD);
+      if (any2) pv_accumulate<Elem, D, BN, kLdm>(acc2, sc, mask[2], sV, LD);
+    };
+    // The slot that holds the whole tile for both of this thread's rows (-1: none), agreed by the warp.
+    int uni = -1;
+    if (p.tile_fast) {
+      const int s0 = index::tile_slot(rc[0].active, rc[0].k, j0, BN);
+      const int s1 = index::tile_slot(rc[1].active, rc[1].k, j0, BN);
+      const int me = s0 == s1 ? s0 : -1;
+      const int lead = __shfl_sync(kFull, me, 0);
+      uni = __all_sync(kFull, me == lead) ? lead : -1;
+    }
+    if (uni == 2) {
+      step(std::integral_constant<int, 2>{});
+    } else if (uni == 0) {
+      step(std::integral_constant<int, 0>{});
+    } else if (uni == 1) {
+      step(std::integral_constant<int, 1>{});
+    } else {
+      step(std::integral_constant<int, -1>{});
     }
     __syncthreads();  // everyone is done with `buf` before the next step refills it
   }
@@ -1541,6 +1652,8 @@ void set_smem(Kernel kernel, size_t bytes) {
 // or the scalar path; warps per CTA, CTAs, split-KV chunks.
 struct RowPlan {
   bool mma;
+  bool ldm;  // tensor-core path: V by ldmatrix.trans (kernel_path(kOebLdmatrix))
+  int BN;    // tensor-core path: keys per tile (kDefaultBN, or 64 at Dp = 128 by kernel_path(kOebBn))
   int Dp, nw, splits, tiles_per_split;
   int64_t blocks;
   size_t smem;
@@ -1554,8 +1667,12 @@ RowPlan plan_rows(const Problem& P, at::ScalarType dt, bool vec, int64_t max_spa
   const int64_t R = P.G * P.Tq;
   pl.nw = pl.mma ? (R <= 16 ? 1 : 4) : 4;
   const int64_t BM = pl.mma ? 16 * pl.nw : kGenRows;
-  const int64_t BN = pl.mma ? (pl.Dp == 64 ? MmaFwdCfg<64>::BN : MmaFwdCfg<128>::BN) : kGenKeys;
-  pl.smem = pl.mma ? (pl.Dp == 64 ? MmaFwdCfg<64>::smem(pl.nw) : MmaFwdCfg<128>::smem(pl.nw))
+  pl.ldm = kernel_path(kOebLdmatrix) != 0;
+  pl.BN = pl.Dp == 64 ? kDefaultBN<64> : (kernel_path(kOebBn) == 64 ? 64 : kDefaultBN<128>);
+  const int64_t BN = pl.mma ? pl.BN : kGenKeys;
+  pl.smem = pl.mma ? (pl.Dp == 64        ? MmaFwdCfg<64>::smem(pl.nw)
+                      : pl.BN == 64      ? MmaFwdCfg<128, 64>::smem(pl.nw)
+                                         : MmaFwdCfg<128>::smem(pl.nw))
                    : gen_fwd_smem_floats(generic_stride(P.d)) * sizeof(float);
   pl.blocks = P.B * P.Hkv * ((R + BM - 1) / BM);
   pl.splits = 1;
@@ -1579,7 +1696,12 @@ void launch_rows(const FwdParams& p, const RowPlan& pl, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(pl.blocks), static_cast<unsigned>(pl.splits));
   if constexpr (!std::is_same_v<Elem, float>) {
     if (pl.mma) {
-      auto kernel = pl.Dp == 64 ? oeb_fwd_mma_kernel<Elem, 64> : oeb_fwd_mma_kernel<Elem, 128>;
+      // The old path (scalar V loads) is kept at the default tile widths only.
+      auto kernel = pl.Dp == 64 ? (pl.ldm ? oeb_fwd_mma_kernel<Elem, 64, kDefaultBN<64>, true>
+                                          : oeb_fwd_mma_kernel<Elem, 64, kDefaultBN<64>, false>)
+                    : pl.BN == 64 ? oeb_fwd_mma_kernel<Elem, 128, 64, true>
+                    : pl.ldm      ? oeb_fwd_mma_kernel<Elem, 128, kDefaultBN<128>, true>
+                                  : oeb_fwd_mma_kernel<Elem, 128, kDefaultBN<128>, false>;
       set_smem(kernel, pl.smem);
       kernel<<<grid, pl.nw * 32, pl.smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1648,6 +1770,7 @@ FwdParams make_fwd_params(const Problem& P, const Tensor& q, const Tensor& k, co
   p.scale_log2 = static_cast<float>(P.scale * 1.4426950408889634);
   p.rule = P.rule;
   p.vec = (P.d * q.element_size()) % 16 == 0 && aligned16(q) && aligned16(k) && aligned16(v);
+  p.tile_fast = kernel_path(kOebTileFast) != 0;
   p.sd = generic_stride(P.d);
   return p;
 }

@@ -25,13 +25,19 @@
 //    (unless given) and, with OEB, per (row, head) the exponent shifts shift_g = lse - log r_g
 //    (so that A'_ij = exp(scale s_ij - shift_g)). With OEB the given lse is not read: the pass
 //    runs anyway for the group masses and takes lse from them.
-// 2. main kernel: CTA = (batch row, block of 64 queries), 8 warps; for each key tile of 64 the
+// 2. main kernel: CTA = (batch row, block of 64 queries, run of its key tiles: see
+//    block_key_tiles; by default the causal band is cut into pieces so that T = 8192, B = 1 makes
+//    many CTAs of similar work, not 128 of 1 to 128 tiles), 8 warps; for each key tile of 64 the
 //    heads are looped inside (the K/V tile of a kv head is loaded once for its group of query
 //    heads when d fits one chunk): S = q K^T and G = dO V^T (wmma 16x16x16 bf16/fp16 with fp32
 //    accumulation; exact-FMA tiles for fp32 / fp64), then per element P' = exp(scale S - shift)
 //    (shift = lse + log(1 + sigma), or the OEB shift of the element's group), times G, summed
 //    over heads in registers (sum_abs: signed, abs_sum / abs_mean: |.|).
 //    Each warp owns a 16 x 32 strip of the 64 x 64 tile; each lane one row and 2 x 8 columns.
+//    bf16 / fp16 with one head-dim chunk: the (tile, head) steps are pipelined, the next step's
+//    tiles copied by cp.async into a double buffer while this one multiplies. The split and the
+//    pipeline are switchable back to the old grid and loop (csrc/include/tuning.h,
+//    docs/method_kernels.md section 6).
 // 3. binning: query rows and key columns of the tile are split into runs of one segment
 //    (usually one or two); each lane merges its columns by run, a warp whose lanes all hold the
 //    same (row run, column run) pair reduces with shuffles, and the (row run x column run) bins
@@ -61,6 +67,7 @@
 
 #include <cfloat>
 #include <climits>
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -69,6 +76,8 @@
 #include "checks.h"
 #include "device_checks.cuh"
 #include "oeb_rule.h"
+#include "kernel_index.h"
+#include "tuning.h"
 
 namespace stepflow {
 namespace {
@@ -96,26 +105,41 @@ constexpr bool kWmma = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloa
 template <typename T>
 using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
 
-// Dynamic shared memory layout of both kernels (every region a multiple of 128 bytes).
-template <typename T, int DC>
-struct Layout {
+// Dynamic shared memory layouts (every region a multiple of 128 bytes). Main kernel: (Q, dO, K, V
+// tiles) x NBUF (2: the pipelined loop's double buffer) | staging (wmma) | bins | per-row shift_0,
+// shift_1, shift_2 | ints.
+template <typename T, int DC, int NBUF = 1>
+struct MainLayout {
   using A = typename Acc<T>::type;
   static constexpr int kLd = DC + 16 / static_cast<int>(sizeof(T));  // +16 bytes per row: fewer bank conflicts
   static constexpr size_t kTile = size_t(kBlock) * kLd * sizeof(T);
-  // main kernel: Q, dO, K, V tiles | staging (wmma) | bins | per-row shift_0, shift_1, shift_2 | ints
-  static constexpr size_t kStage = 4 * kTile;
+  static constexpr size_t kStage = 4 * NBUF * kTile;
   static constexpr size_t kStageBytes = kWmma<T> ? size_t(kWarps) * 2 * kStageFloats * sizeof(float) : 0;
   static constexpr size_t kBins = kStage + kStageBytes;
   static constexpr size_t kRowA = kBins + size_t(kBlock) * kBlock * sizeof(A);
   static constexpr size_t kInts = kRowA + 3 * kBlock * sizeof(A);
   static constexpr size_t kMainBytes = kInts + (6 * kBlock + 4) * sizeof(int);
-  // stats kernel: Q, K tiles | staging (wmma) | combine buffer | ints
-  static constexpr size_t kSStage = 2 * kTile;
+  static_assert(kTile % 128 == 0 && kStageBytes % 128 == 0, "alignment");
+};
+// Both kernels' (the main kernel's with single tiles). Stats kernel: Q, K tiles | staging (wmma) |
+// combine buffer | ints.
+template <typename T, int DC>
+struct Layout : MainLayout<T, DC, 1> {
+  using Base = MainLayout<T, DC, 1>;
+  using A = typename Base::A;
+  static constexpr size_t kSStage = 2 * Base::kTile;
   static constexpr size_t kSStageBytes = kWmma<T> ? size_t(kWarps) * kStageFloats * sizeof(float) : 0;
   static constexpr size_t kSComb = kSStage + kSStageBytes;
   static constexpr size_t kSInts = kSComb + 6 * kBlock * sizeof(A);
   static constexpr size_t kStatsBytes = kSInts + 2 * kBlock * sizeof(int);
-  static_assert(kTile % 128 == 0 && kStageBytes % 128 == 0 && kSStageBytes % 128 == 0, "alignment");
+  static_assert(kSStageBytes % 128 == 0, "alignment");
+};
+
+// The main kernel's CTAs per SM (its register cap): two for the tensor-core path, except the
+// pipelined one at DC = 128, whose double buffer leaves shared memory for one.
+template <typename T, int DC, bool kPipe>
+struct MainCfg {
+  static constexpr int kMinCTAs = kWmma<T> ? ((kPipe && DC == 128) ? 1 : 2) : 1;
 };
 
 template <typename E, typename A>  // E: element type of q, k, v, dO
@@ -135,6 +159,7 @@ struct Params {
   int64_t B, H, Hkv, T, d, S;
   int64_t window;         // <= 0: full attention
   int nchunks;            // ceil(d / DC)
+  int tiles_per_split;    // main kernel: key tiles per CTA (blockIdx.y: which run of them); 0: all
   bool vec;               // 16-byte loads allowed
   bool sum_abs;
   A scale;
@@ -165,6 +190,40 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restri
       const int64_t col = col0 + c;
       t[r * Ld + c] = (r < rows_avail && col < d) ? s[r * d + col] : Bits<T>(0);
     }
+  }
+}
+
+// Asynchronous 16-byte global -> shared copies (cp.async, sm_80+). valid = false copies nothing
+// and fills 16 zero bytes (src-size 0); gmem must still be a valid address.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// load_tile's vec path by cp.async (one chunk: d <= DC, d a multiple of 16 / sizeof(T), 16-byte
+// aligned rows): rows [0, 64) of a (rows_avail x d) matrix, zero outside. Completes at cp_async_wait.
+template <typename T, int DC, int Ld>
+__device__ __forceinline__ void load_tile_async(T* __restrict__ dst, const T* __restrict__ src, int64_t rows_avail,
+                                                int64_t d) {
+  constexpr int V = 16 / sizeof(T), VPR = DC / V;
+  for (int idx = threadIdx.x; idx < kBlock * VPR; idx += kThreads) {
+    const int r = idx / VPR, cv = (idx % VPR) * V;
+    const bool ok = r < rows_avail && cv < d;
+    cp_async_16(dst + r * Ld + cv, ok ? src + r * d + cv : src, ok);
   }
 }
 
@@ -356,6 +415,16 @@ __device__ __forceinline__ void element_masks(const Owner& w, int64_t i, bool ro
   }
 }
 
+// The key tiles of the main kernel's CTA for the query block at i0 (index::pool_block_key_tiles,
+// split blockIdx.y). Every (query block, key tile) pair of the causal band is taken by exactly one
+// CTA (tests/test_cuda_index_emulation.py), and since each tile's bins go to the map by their own
+// atomics, how a block's tiles are shared out does not change what is summed.
+template <typename P>
+__device__ __forceinline__ void block_key_tiles(const P& p, int64_t i0, int lo, int hi, int64_t& kt_begin,
+                                                int64_t& kt_end) {
+  index::pool_block_key_tiles(i0, lo, hi, p.window, kBlock, p.tiles_per_split, blockIdx.y, kt_begin, kt_end);
+}
+
 // ---------------------------------------------------------------- kernels
 
 // Row bounds: first valid position (T if none) and last valid position + 1 (0 if none).
@@ -509,21 +578,32 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Params<T, typenam
   for (int x = 0; x < 3; ++x) p.shift[3 * idx + x] = static_cast<A>(row.lse - row.log_r[x]);
 }
 
-// Pass 2: the map. Grid (query blocks, B).
+// Pass 2: the map. Grid (query blocks, key-tile splits, B): see block_key_tiles.
 // Two CTAs per SM for the tensor-core path (<= 128 registers; 2 x ~109 KB of smem fit an H100):
 // one CTA's tile loads overlap the other's math (the loads are synchronous, not pipelined).
 // This costs ~100 bytes of register spills per thread (sm_90); without the 2 the kernel uses
 // ~172 registers, no spills, one CTA per SM. Which is faster is to be measured on the GPU.
-template <typename T, int DC>
-__global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(const Params<T, typename Acc<T>::type> p) {
+//
+// kPipe (bf16 / fp16, one head-dim chunk, 16-byte rows; kernel_path(kPoolPipeline)): the (key
+// tile, head) steps are software pipelined: the Q, dO tiles of the next step (and its K, V tiles
+// when it starts a kv head) are copied by cp.async into the other half of a double buffer while
+// this step multiplies. The arithmetic and its order are those of the synchronous loop. At
+// DC = 128 the double buffer (~178 KB) leaves room for one CTA per SM, so that variant asks for
+// one (no register cap, no spills); at DC = 64 two still fit (~112 KB each).
+template <typename T, int DC, bool kPipe>
+__global__ void __launch_bounds__(kThreads, MainCfg<T, DC, kPipe>::kMinCTAs)
+    saliency_kernel(const Params<T, typename Acc<T>::type> p) {
   using A = typename Acc<T>::type;
-  using L = Layout<T, DC>;
+  using L = MainLayout<T, DC, kPipe ? 2 : 1>;
   constexpr int Ld = L::kLd;
+  static_assert(!kPipe || kWmma<T>, "the pipelined loop is the tensor-core path's");
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Qs = reinterpret_cast<T*>(smem);
-  T* Os = reinterpret_cast<T*>(smem + L::kTile);
-  T* Ks = reinterpret_cast<T*>(smem + 2 * L::kTile);
-  T* Vs = reinterpret_cast<T*>(smem + 3 * L::kTile);
+  // Q, dO, K, V tiles: buffer x of each at + x * 4 kTile (kPipe: x = 0, 1; else 0)
+  T* Qs0 = reinterpret_cast<T*>(smem);
+  T* Os0 = reinterpret_cast<T*>(smem + L::kTile);
+  T* Ks0 = reinterpret_cast<T*>(smem + 2 * L::kTile);
+  T* Vs0 = reinterpret_cast<T*>(smem + 3 * L::kTile);
+  constexpr int kBufStride = 4 * static_cast<int>(L::kTile / sizeof(T));  // elements between buffers
   float* stage = reinterpret_cast<float*>(smem + L::kStage);
   A* bins = reinterpret_cast<A*>(smem + L::kBins);
   A* s_sh0 = reinterpret_cast<A*>(smem + L::kRowA);  // per row of the current head: the shift of group
@@ -537,10 +617,13 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
   int* s_crseg = s_colrun + kBlock;
   int* s_cnt = s_crseg + kBlock;  // [0] row runs, [1] column runs
 
-  const int64_t T_ = p.T, b = blockIdx.y;
+  const int64_t T_ = p.T, b = blockIdx.z;
   const int64_t i0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlock;  // costliest blocks first
   const int lo = p.bounds[2 * b], hi = p.bounds[2 * b + 1];
   if (i0 >= hi || i0 + kBlock <= lo) return;
+  int64_t kt_begin, kt_end;
+  block_key_tiles(p, i0, lo, hi, kt_begin, kt_end);
+  if (kt_begin > kt_end) return;  // this split lies past the block's last key tile
   const int64_t group = p.H / p.Hkv;
   const int32_t* seg = p.seg + b * T_;
   if (threadIdx.x < kBlock) {
@@ -556,100 +639,66 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
   const bool oeb = p.shift != nullptr;
   bool inter = false;
   const int4 gk = (oeb && row_ok) ? oeb_row_keys(p.ob, T_, b, i, lo, p.window, inter) : make_int4(0, 0, 0, 0);
-  // The block's keys: from the window start of its first query (or the first valid token) to its last query.
-  const int64_t key_lo = p.window > 0 ? (i0 - p.window + 1 > lo ? i0 - p.window + 1 : lo) : lo;
-  const int64_t kt_begin = key_lo / kBlock, kt_end = (i0 + kBlock - 1 < hi - 1 ? i0 + kBlock - 1 : hi - 1) / kBlock;
 
-  for (int64_t kt = kt_begin; kt <= kt_end; ++kt) {
-    const int64_t j0 = kt * kBlock;
-    __syncthreads();  // the previous tile's binning is done with the column info and the bins
+  // The column information of key tile kt (its segments, and their runs by warp 0, which the
+  // binning reads after later barriers) and the lane's element masks. Callers: after a barrier
+  // that ends the previous tile's binning.
+  uint32_t vmask = 0, g1mask = 0, g2mask = 0;
+  auto begin_tile = [&](int64_t j0) {
     if (threadIdx.x < kBlock) {
       const int64_t j = j0 + threadIdx.x;
       s_colseg[threadIdx.x] = j < T_ ? seg[j] : -1;
     }
     __syncthreads();
     if (threadIdx.x < 32) runs64(s_colseg, s_colrun, s_crseg, &s_cnt[1]);  // read after later barriers
-    uint32_t vmask, g1mask, g2mask;
     element_masks(w, i, row_ok, j0, s_colseg, oeb, gk, p.window, /*all_keys=*/false, vmask, g1mask, g2mask);
-    A acc[16];
-#pragma unroll
-    for (int e = 0; e < 16; ++e) acc[e] = 0;
-
-    for (int64_t h = 0; h < p.H; ++h) {
-      const int64_t g = h / group;
-      const T* qbase = p.q + ((b * p.H + h) * T_ + i0) * p.d;
-      const T* obase = p.o + ((b * p.H + h) * T_ + i0) * p.d;
-      const T* kbase = p.k + ((b * p.Hkv + g) * T_ + j0) * p.d;
-      const T* vbase = p.v + ((b * p.Hkv + g) * T_ + j0) * p.d;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fs[2], fg[2];
-      T S[16], G[16];
-      if constexpr (kWmma<T>) {
-#pragma unroll
-        for (int t = 0; t < 2; ++t) wmma::fill_fragment(fs[t], 0.f), wmma::fill_fragment(fg[t], 0.f);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 16; ++e) S[e] = T(0), G[e] = T(0);
+  };
+  // Per row of head h: the exponent shifts (threads < 64; read after the next barrier).
+  auto load_shifts = [&](int64_t h) {
+    if (threadIdx.x < kBlock) {
+      // Rows that are not binned (padding, past T) may hold anything: they are never read.
+      const int64_t ii = i0 + threadIdx.x;
+      const int64_t idx = (b * p.H + h) * T_ + ii;
+      A sh0 = 0, sh1 = 0, sh2 = 0;
+      if (ii < T_ && oeb) {
+        sh0 = p.shift[3 * idx], sh1 = p.shift[3 * idx + 1], sh2 = p.shift[3 * idx + 2];
+      } else if (ii < T_) {
+        // A_ij = exp(s - lse) / (1 + exp(sink - lse)) = exp(s - log(e^lse + e^sink))
+        sh0 = p.sink != nullptr ? log_add(p.lse[idx], p.sink[h]) : p.lse[idx];
       }
-      for (int c = 0; c < p.nchunks; ++c) {
-        const int64_t col0 = static_cast<int64_t>(c) * DC;
-        __syncthreads();  // the previous step's readers of the tiles (and of s_sh0, s_sh1, s_sh2) are done
-        if (p.nchunks > 1 || h % group == 0) {  // one chunk: K, V stay for the whole kv group
-          load_tile<T, DC, Ld>(Ks, kbase, T_ - j0, p.d, col0, p.vec);
-          load_tile<T, DC, Ld>(Vs, vbase, T_ - j0, p.d, col0, p.vec);
-        }
-        load_tile<T, DC, Ld>(Qs, qbase, T_ - i0, p.d, col0, p.vec);
-        load_tile<T, DC, Ld>(Os, obase, T_ - i0, p.d, col0, p.vec);
-        if (c == 0 && threadIdx.x < kBlock) {
-          // Rows that are not binned (padding, past T) may hold anything: they are never read.
-          const int64_t ii = i0 + threadIdx.x;
-          const int64_t idx = (b * p.H + h) * T_ + ii;
-          A sh0 = 0, sh1 = 0, sh2 = 0;
-          if (ii < T_ && oeb) {
-            sh0 = p.shift[3 * idx], sh1 = p.shift[3 * idx + 1], sh2 = p.shift[3 * idx + 2];
-          } else if (ii < T_) {
-            // A_ij = exp(s - lse) / (1 + exp(sink - lse)) = exp(s - log(e^lse + e^sink))
-            sh0 = p.sink != nullptr ? log_add(p.lse[idx], p.sink[h]) : p.lse[idx];
-          }
-          s_sh0[threadIdx.x] = sh0, s_sh1[threadIdx.x] = sh1, s_sh2[threadIdx.x] = sh2;
-        }
-        __syncthreads();
-        const int64_t left = p.d - col0;
-        const int kend = static_cast<int>(left < DC ? left : DC);
-        if constexpr (kWmma<T>) {
-          wmma_chunk<T, DC, Ld, true>(w, Qs, Ks, Os, Vs, kend, fs, fg);
-        } else {
-          constexpr int VK = 16 / sizeof(T);
-          fma_chunk<T, DC, Ld, true>(w, Qs, Ks, Os, Vs, (kend + VK - 1) / VK * VK, S, G);
-        }
-      }
-      // P' * G for the lane's elements, summed over heads
-      const A sh0 = s_sh0[w.r], sh1 = s_sh1[w.r], sh2 = s_sh2[w.r];
-      auto add = [&](int e, A s, A g) {
-        if (!((vmask >> e) & 1u)) return;
-        const A shift = ((g2mask >> e) & 1u) ? sh2 : (((g1mask >> e) & 1u) ? sh1 : sh0);
-        const A x = exp_a(s * p.scale - shift) * g;
-        acc[e] += p.sum_abs ? x : fabs(x);
-      };
-      if constexpr (kWmma<T>) {
-        // one 16 x 16 sub-tile at a time through the warp's staging area (fewer live registers)
-        float* st = stage + w.warp * 2 * kStageFloats;
-        const float* mine = st + (w.r % 16) * kStageLd + w.lc;
-#pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          wmma::store_matrix_sync(st, fs[t], kStageLd, wmma::mem_row_major);
-          wmma::store_matrix_sync(st + kStageFloats, fg[t], kStageLd, wmma::mem_row_major);
-          __syncwarp();
-#pragma unroll
-          for (int u = 0; u < 8; ++u) add(t * 8 + u, mine[u], mine[kStageFloats + u]);
-          __syncwarp();
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 16; ++e) add(e, S[e], G[e]);
-      }
+      s_sh0[threadIdx.x] = sh0, s_sh1[threadIdx.x] = sh1, s_sh2[threadIdx.x] = sh2;
     }
-
-    // Binning: bins[row run][column run] of this tile in smem, then one atomic per bin.
+  };
+  // acc += P' * G for the lane's elements (P' = exp(scale S - shift)): sum_abs signed, else |.|.
+  // (Zeroed again at every key tile.)
+  A acc[16];
+#pragma unroll
+  for (int e = 0; e < 16; ++e) acc[e] = 0;
+  auto add = [&](int e, A sv, A g, A sh0, A sh1, A sh2) {
+    if (!((vmask >> e) & 1u)) return;
+    const A shift = ((g2mask >> e) & 1u) ? sh2 : (((g1mask >> e) & 1u) ? sh1 : sh0);
+    const A x = exp_a(sv * p.scale - shift) * g;
+    acc[e] += p.sum_abs ? x : fabs(x);
+  };
+  // The tensor-core products of one head, one 16 x 16 sub-tile at a time through the warp's
+  // staging area (fewer live registers).
+  auto add_fragments = [&](wmma::fragment<wmma::accumulator, 16, 16, 16, float>(&fs)[2],
+                           wmma::fragment<wmma::accumulator, 16, 16, 16, float>(&fg)[2]) {
+    const A sh0 = s_sh0[w.r], sh1 = s_sh1[w.r], sh2 = s_sh2[w.r];
+    float* st = stage + w.warp * 2 * kStageFloats;
+    const float* mine = st + (w.r % 16) * kStageLd + w.lc;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      wmma::store_matrix_sync(st, fs[t], kStageLd, wmma::mem_row_major);
+      wmma::store_matrix_sync(st + kStageFloats, fg[t], kStageLd, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll
+      for (int u = 0; u < 8; ++u) add(t * 8 + u, mine[u], mine[kStageFloats + u], sh0, sh1, sh2);
+      __syncwarp();
+    }
+  };
+  // Binning: bins[row run][column run] of this tile in smem, then one atomic per bin.
+  auto bin_tile = [&]() {
     __syncthreads();  // the column runs (warp 0) are visible
     const int n_rr = s_cnt[0], n_cr = s_cnt[1];
     for (int x = threadIdx.x; x < n_rr * n_cr; x += kThreads) bins[x] = 0;
@@ -693,6 +742,108 @@ __global__ void __launch_bounds__(kThreads, kWmma<T> ? 2 : 1) saliency_kernel(co
         atomicAdd(p.M + (b * p.S + s_rrseg[x / n_cr]) * p.S + s_crseg[x % n_cr], static_cast<double>(val));
       }
     }
+  };
+
+  if constexpr (kPipe) {
+    // Steps st = (kt - kt_begin) H + h; step st reads Q, dO from buffer st & 1 and K, V from
+    // buffer (st / group) & 1 (one per kv head and key tile: H = Hkv group steps per tile).
+    const int64_t nsteps = (kt_end - kt_begin + 1) * p.H;
+    auto issue = [&](int64_t st) {
+      const int64_t kt = kt_begin + st / p.H, h = st % p.H, g = h / group, j0 = kt * kBlock;
+      const int qb = static_cast<int>(st & 1) * kBufStride, kb = static_cast<int>((st / group) & 1) * kBufStride;
+      load_tile_async<T, DC, Ld>(Qs0 + qb, p.q + ((b * p.H + h) * T_ + i0) * p.d, T_ - i0, p.d);
+      load_tile_async<T, DC, Ld>(Os0 + qb, p.o + ((b * p.H + h) * T_ + i0) * p.d, T_ - i0, p.d);
+      if (h % group == 0) {
+        load_tile_async<T, DC, Ld>(Ks0 + kb, p.k + ((b * p.Hkv + g) * T_ + j0) * p.d, T_ - j0, p.d);
+        load_tile_async<T, DC, Ld>(Vs0 + kb, p.v + ((b * p.Hkv + g) * T_ + j0) * p.d, T_ - j0, p.d);
+      }
+      cp_async_commit();
+    };
+    issue(0);
+    for (int64_t st = 0; st < nsteps; ++st) {
+      const int64_t kt = kt_begin + st / p.H, h = st % p.H;
+      if (h == 0) {
+        begin_tile(kt * kBlock);  // after the barrier that ended the previous tile's binning
+#pragma unroll
+        for (int e = 0; e < 16; ++e) acc[e] = 0;
+      }
+      // The buffers of st + 1 were last read by step st - 1 (or st + 1 - 2 group for K, V),
+      // which the barrier at the end of the previous step closed.
+      if (st + 1 < nsteps) {
+        issue(st + 1);
+        cp_async_wait<1>();  // this thread's copies of step st are done
+      } else {
+        cp_async_wait<0>();
+      }
+      load_shifts(h);
+      __syncthreads();  // everyone's copies of step st and the shifts are visible
+      const int qb = static_cast<int>(st & 1) * kBufStride, kb = static_cast<int>((st / group) & 1) * kBufStride;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fs[2], fg[2];
+#pragma unroll
+      for (int t = 0; t < 2; ++t) wmma::fill_fragment(fs[t], 0.f), wmma::fill_fragment(fg[t], 0.f);
+      wmma_chunk<T, DC, Ld, true>(w, Qs0 + qb, Ks0 + kb, Os0 + qb, Vs0 + kb, static_cast<int>(p.d), fs, fg);
+      add_fragments(fs, fg);
+      if (h == p.H - 1) bin_tile();
+      __syncthreads();  // the step's readers of its buffers and of the shifts are done
+    }
+  } else {
+    T* Qs = Qs0;
+    T* Os = Os0;
+    T* Ks = Ks0;
+    T* Vs = Vs0;
+    for (int64_t kt = kt_begin; kt <= kt_end; ++kt) {
+      const int64_t j0 = kt * kBlock;
+      __syncthreads();  // the previous tile's binning is done with the column info and the bins
+      begin_tile(j0);
+#pragma unroll
+      for (int e = 0; e < 16; ++e) acc[e] = 0;
+
+      for (int64_t h = 0; h < p.H; ++h) {
+        const int64_t g = h / group;
+        const T* qbase = p.q + ((b * p.H + h) * T_ + i0) * p.d;
+        const T* obase = p.o + ((b * p.H + h) * T_ + i0) * p.d;
+        const T* kbase = p.k + ((b * p.Hkv + g) * T_ + j0) * p.d;
+        const T* vbase = p.v + ((b * p.Hkv + g) * T_ + j0) * p.d;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> fs[2], fg[2];
+        T S[16], G[16];
+        if constexpr (kWmma<T>) {
+#pragma unroll
+          for (int t = 0; t < 2; ++t) wmma::fill_fragment(fs[t], 0.f), wmma::fill_fragment(fg[t], 0.f);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 16; ++e) S[e] = T(0), G[e] = T(0);
+        }
+        for (int c = 0; c < p.nchunks; ++c) {
+          const int64_t col0 = static_cast<int64_t>(c) * DC;
+          __syncthreads();  // the previous step's readers of the tiles (and of s_sh0, s_sh1, s_sh2) are done
+          if (p.nchunks > 1 || h % group == 0) {  // one chunk: K, V stay for the whole kv group
+            load_tile<T, DC, Ld>(Ks, kbase, T_ - j0, p.d, col0, p.vec);
+            load_tile<T, DC, Ld>(Vs, vbase, T_ - j0, p.d, col0, p.vec);
+          }
+          load_tile<T, DC, Ld>(Qs, qbase, T_ - i0, p.d, col0, p.vec);
+          load_tile<T, DC, Ld>(Os, obase, T_ - i0, p.d, col0, p.vec);
+          if (c == 0) load_shifts(h);
+          __syncthreads();
+          const int64_t left = p.d - col0;
+          const int kend = static_cast<int>(left < DC ? left : DC);
+          if constexpr (kWmma<T>) {
+            wmma_chunk<T, DC, Ld, true>(w, Qs, Ks, Os, Vs, kend, fs, fg);
+          } else {
+            constexpr int VK = 16 / sizeof(T);
+            fma_chunk<T, DC, Ld, true>(w, Qs, Ks, Os, Vs, (kend + VK - 1) / VK * VK, S, G);
+          }
+        }
+        // P' * G for the lane's elements, summed over heads
+        if constexpr (kWmma<T>) {
+          add_fragments(fs, fg);
+        } else {
+          const A sh0 = s_sh0[w.r], sh1 = s_sh1[w.r], sh2 = s_sh2[w.r];
+#pragma unroll
+          for (int e = 0; e < 16; ++e) add(e, S[e], G[e], sh0, sh1, sh2);
+        }
+      }
+      bin_tile();
+    }
   }
 }
 
@@ -703,6 +854,31 @@ template <> struct DeviceType<at::Half> { using type = __half; };
 template <> struct DeviceType<at::BFloat16> { using type = __nv_bfloat16; };
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// How the main kernel's key tiles are shared out: index::pool_plan_split, from the shapes and
+// the SM count (kernel_path(kPoolSplit): -1 auto, 0 off = one CTA per query block, n > 0).
+struct SplitPlan {
+  int tiles_per_split, splits;
+};
+SplitPlan plan_split(int64_t T, int64_t B, int64_t window, int path, int num_sms) {
+  const index::PoolSplit sp = index::pool_plan_split(T, B, window, kBlock, path, num_sms);
+  TORCH_CHECK(sp.splits <= 65535 && sp.tiles_per_split < INT_MAX, "step_saliency_pool (CUDA): too many key splits (",
+              sp.splits, ")");
+  return {static_cast<int>(sp.tiles_per_split), static_cast<int>(sp.splits)};
+}
+
+template <typename T, int DC, bool kPipe>
+void launch_main(const Params<T, typename Acc<T>::type>& p, int splits, cudaStream_t stream) {
+  using L = MainLayout<T, DC, kPipe ? 2 : 1>;
+  const int64_t nqb = (p.T + kBlock - 1) / kBlock;
+  const int optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(L::kMainBytes <= static_cast<size_t>(optin), "step_saliency_pool (CUDA): needs ", L::kMainBytes,
+              " bytes of shared memory per block, the device allows ", optin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(saliency_kernel<T, DC, kPipe>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(L::kMainBytes)));
+  saliency_kernel<T, DC, kPipe><<<dim3(nqb, splits, p.B), kThreads, L::kMainBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 template <typename T, int DC>
 void launch(Params<T, typename Acc<T>::type> p, bool stats, cudaStream_t stream) {
@@ -717,10 +893,17 @@ void launch(Params<T, typename Acc<T>::type> p, bool stats, cudaStream_t stream)
     stats_kernel<T, DC><<<dim3(nqb, p.H, p.B), kThreads, L::kStatsBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_CHECK(cudaFuncSetAttribute(saliency_kernel<T, DC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(L::kMainBytes)));
-  saliency_kernel<T, DC><<<dim3(nqb, p.B), kThreads, L::kMainBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const SplitPlan sp = plan_split(p.T, p.B, p.window, kernel_path(kPoolSplit),
+                                  at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  p.tiles_per_split = sp.tiles_per_split;
+  if constexpr (kWmma<T>) {
+    // The pipelined loop: one head-dim chunk of 16-byte rows (cp.async), and the switch on.
+    if (p.nchunks == 1 && p.vec && kernel_path(kPoolPipeline) != 0) {
+      launch_main<T, DC, true>(p, sp.splits, stream);
+      return;
+    }
+  }
+  launch_main<T, DC, false>(p, sp.splits, stream);
 }
 
 // The tile width DC for the dtype and head dim (a template, so that only these are instantiated).
@@ -856,6 +1039,7 @@ at::Tensor step_saliency_pool_cuda(const at::Tensor& q_in, const at::Tensor& k_i
     p.sum_abs = reduction == "sum_abs";
     p.scale = static_cast<A>(scale);
     p.rule = rule;
+    p.tiles_per_split = 0;  // launch() plans the main kernel's split
     run_typed<T>(p, stats, stream);
   });
   if (reduction == "abs_mean") M.div_(static_cast<double>(H));  // the mean over heads of |A' dL/dA'|
