@@ -80,7 +80,7 @@ class Engines:
         self.key, self.llm = None, None
 
     def get(self, path, **options):
-        key = (path, tuple(sorted(options.items())))
+        key = (path, json.dumps(options, sort_keys=True))
         if key != self.key:
             self.close()
             from vllm import LLM
@@ -297,6 +297,46 @@ def test_preemption_recompute(engines, qwen_dir):
     assert plugin.EVENTS.get("rollback", 0) > 0, plugin.EVENTS   # some request was preempted and recomputed
     want = hf_run(path, prompts, config, new=64)[0]
     assert_same_as_hf(got, want * 2, "preempted")
+
+
+SPECULATIVE = """
+import json, sys
+from vllm import LLM, SamplingParams
+from stepflow_ext.vllm import steer
+
+def main():
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=512, seed=0, block_size=32,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2,
+                                  "prompt_lookup_min": 1})
+    prompt = [{"prompt_token_ids": json.loads(sys.argv[2])}]
+    try:
+        llm.generate(prompt, SamplingParams(max_tokens=4, extra_args=steer("default")), use_tqdm=False)
+        print("RESULT not refused")
+    except ValueError as e:
+        print("RESULT refused:", e)
+    out = llm.generate(prompt, SamplingParams(max_tokens=4, min_tokens=4, temperature=0), use_tqdm=False)
+    print("RESULT stock tokens", len(out[0].outputs[0].token_ids))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_speculative_decoding_is_refused(tmp_path):
+    """Draft tokens would be placed into steps before they are accepted: a steered request on an engine
+    with speculative decoding (n-gram drafts) is refused in the caller; stock requests still run. (In a
+    process of its own: vLLM 0.32 cannot start a speculative engine after another one in one process.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "spec.py"
+    script.write_text(SPECULATIVE)
+    run_ = subprocess.run([sys.executable, str(script), PACKAGED_DIR, json.dumps(tiny_prompts()[0])],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    results = [x[len("RESULT "):] for x in run_.stdout.splitlines() if x.startswith("RESULT ")]
+    assert len(results) == 2, run_.stderr[-3000:]
+    assert results[0].startswith("refused:") and "speculative decoding" in results[0], results
+    assert results[1] == "stock tokens 4", results
 
 
 def test_bad_requests_fail_in_the_caller(engines):
