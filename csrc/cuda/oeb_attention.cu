@@ -95,6 +95,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cp_async.cuh"
 #include "device_checks.cuh"
 #include "oeb_rule.h"
 #include "kernel_index.h"
@@ -301,27 +302,6 @@ __device__ __forceinline__ void load_tile(Elem* s, int ld, int rows, RowPtr row_
       s[r * ld + c] = (src != nullptr && c < d) ? src[c] : zero;
     }
   }
-}
-
-// Asynchronous 16-byte global -> shared copies (cp.async, sm_80+). A copy with valid = false
-// reads nothing and fills 16 zero bytes (src-size 0); gmem must still be a valid address.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
 }
 
 // Issues the copies of `rows` rows (16-bit elements, 16-byte aligned rows of d elements, d a

@@ -74,6 +74,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cp_async.cuh"
 #include "device_checks.cuh"
 #include "oeb_rule.h"
 #include "kernel_index.h"
@@ -191,27 +192,6 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restri
       t[r * Ld + c] = (r < rows_avail && col < d) ? s[r * d + col] : Bits<T>(0);
     }
   }
-}
-
-// Asynchronous 16-byte global -> shared copies (cp.async, sm_80+). valid = false copies nothing
-// and fills 16 zero bytes (src-size 0); gmem must still be a valid address.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
 }
 
 // load_tile's vec path by cp.async (one chunk: d <= DC, d a multiple of 16 / sizeof(T), 16-byte
