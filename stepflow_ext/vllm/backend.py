@@ -74,18 +74,25 @@ def _count(kind, layer, n):
     plugin.COUNTS[key] = plugin.COUNTS.get(key, 0) + int(n)
 
 
-# --------------------------------------------------------------------------- CPU
+class _StepFlowForward:
+    """Mixed in before a platform's attention impl: its forward on the whole batch, then StepFlow's
+    edits on the steered requests' rows. `_gather(layer)` says how to read the platform's KV cache."""
 
-
-class StepFlowCPUImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                  output_block_scale)
         if plugin.STEP:
-            apply_stepflow(self, layer, query, kv_cache, attn_metadata, output,
-                           lambda cache, blocks, length: layout.cpu_gather(self, layer, cache, blocks, length))
+            apply_stepflow(self, layer, query, kv_cache, attn_metadata, output, self._gather(layer))
         return result
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+class StepFlowCPUImpl(_StepFlowForward, CPUAttentionBackendImpl):
+    def _gather(self, layer):
+        return lambda cache, blocks, length: layout.cpu_gather(self, layer, cache, blocks, length)
 
 
 class StepFlowCPUBackend(CPUAttentionBackend):
@@ -103,14 +110,9 @@ class StepFlowCPUBackend(CPUAttentionBackend):
 def _flash_classes():
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
-    class StepFlowFlashImpl(FlashAttentionImpl):
-        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                    output_block_scale=None):
-            result = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                     output_block_scale)
-            if plugin.STEP:
-                apply_stepflow(self, layer, query, kv_cache, attn_metadata, output, layout.flash_gather)
-            return result
+    class StepFlowFlashImpl(_StepFlowForward, FlashAttentionImpl):
+        def _gather(self, layer):
+            return layout.flash_gather
 
     class StepFlowFlashBackend(FlashAttentionBackend):
         """FlashAttention with StepFlow on steered requests (vLLM's CUSTOM slot). CUDA graphs capture

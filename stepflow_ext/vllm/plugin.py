@@ -143,9 +143,10 @@ def plan_step(runner, input_ids) -> list:
     from .tracking import SteeredRequest, parse_request
 
     batch, requests = runner.input_batch, runner.requests
-    tracked_requests = runner.__dict__.get("_stepflow").requests if "_stepflow" in runner.__dict__ else {}
-    for rid in [r for r in tracked_requests if r not in requests]:   # finished or aborted
-        del tracked_requests[rid]
+    known = runner.__dict__.get("_stepflow")
+    if known is not None:
+        for rid in [r for r in known.requests if r not in requests]:   # finished or aborted
+            del known.requests[rid]
     num_reqs = batch.num_reqs
     steered = []
     for row, rid in enumerate(batch.req_ids[:num_reqs]):
