@@ -116,7 +116,7 @@ def engine_options(p):
                    help="vLLM: longest prompt + completion (default: the model's)")
 
 
-def vllm_generator(args, tok, settings, eos, config):
+def vllm_generator(args, tok, settings, eos, config, hf_config=None):
     """The VLLMGenerator of --engine vllm (UsageError when vLLM is missing or refuses the options)."""
     from ..vllm.engine import VLLMGenerator
 
@@ -127,7 +127,7 @@ def vllm_generator(args, tok, settings, eos, config):
         return VLLMGenerator(args.model, tok, settings, eos, config, dtype=DTYPES[args.dtype],
                              tensor_parallel_size=args.tensor_parallel_size,
                              data_parallel_size=args.data_parallel_size, max_model_len=args.max_model_len,
-                             trust_remote_code=bool(args.trust_remote_code))
+                             trust_remote_code=bool(args.trust_remote_code), hf_config=hf_config)
     except ValueError as e:
         raise UsageError(f"--engine vllm: {e}") from None
 
@@ -139,6 +139,8 @@ def served_model(args):
     from types import SimpleNamespace
 
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from ..vllm.engine import num_layers
 
     kwargs = {"trust_remote_code": bool(args.trust_remote_code)}
     try:
@@ -152,8 +154,7 @@ def served_model(args):
         generation = None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return tok, SimpleNamespace(config=config, generation_config=generation, num_layers=int(text.num_hidden_layers))
+    return tok, SimpleNamespace(config=config, generation_config=generation, num_layers=num_layers(config))
 
 
 def exit_status(errors, what="trace") -> int:

@@ -85,7 +85,7 @@ def cmd_eval(args) -> int:
         if not items and job.main:
             err(f"no usable items in {args.data}")
         if vllm and items:
-            generator = vllm_generator(args, tok, settings, eos_ids(model, tok), config)
+            generator = vllm_generator(args, tok, settings, eos_ids(model, tok), config, model.config)
         status, _ = evaluate(settings, items, data_errors, args.out, model=model, tokenizer=tok, config=config,
                              job=job, batch_size=args.batch_size, grade_options=grade_options,
                              grade_workers=args.grade_workers, device=device, completions=completions,

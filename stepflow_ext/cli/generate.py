@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 from ..traces import TraceError, TraceWriter, apply_template, encode_prompt, eos_ids, read_prompts
 from .common import (RAW, UsageError, engine_options, err, escapes, exit_status, load_config, load_model,
@@ -57,11 +58,9 @@ def cmd_generate(args) -> int:
     torch.manual_seed(args.seed)
     engine = None
     if vllm:   # the same settings as the HF engine's; vLLM samples with a per-prompt seed (args.seed + index)
-        from types import SimpleNamespace
-
         settings = SimpleNamespace(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=args.seed, segmentation=lambda: rule)
-        engine = vllm_generator(args, tok, settings, eos, cfg)
+        engine = vllm_generator(args, tok, settings, eos, cfg, model.config)
     handle = sf.replace_attention(model, cfg, tokenizer=tok, **rule) if cfg is not None and not vllm else None
     batch_size = 1 if stream else max(1, args.batch_size)
     written = 0
@@ -75,8 +74,6 @@ def cmd_generate(args) -> int:
                     rows = [encode_prompt(tok, text, templated) for text, templated, _ in built]
                     width = max(map(len, rows))
                     if engine is not None:
-                        from types import SimpleNamespace
-
                         asks = [SimpleNamespace(prompt_ids=r, seed=args.seed + start + i) for i, r in enumerate(rows)]
                         out = engine.token_ids(asks)
                     else:

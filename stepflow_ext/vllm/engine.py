@@ -23,6 +23,7 @@ def model_config(path: str, trust_remote_code: bool = False):
 
 
 def num_layers(config) -> int:
+    """Decoder layers of a Hugging Face config (its text config for multimodal ones)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.num_hidden_layers)
 
@@ -41,12 +42,13 @@ class VLLMGenerator:
 
     def __init__(self, model: str, tokenizer, settings, eos_ids: set, config=None, *, dtype="auto",
                  tensor_parallel_size: int = 1, data_parallel_size: int = 1, max_model_len: int | None = None,
-                 trust_remote_code: bool = False, llm=None, **llm_options):
+                 trust_remote_code: bool = False, hf_config=None, llm=None, **llm_options):
         check_available()
         from vllm import LLM
 
         self.tok, self.settings, self.eos, self.config = tokenizer, settings, set(eos_ids), config
-        self.rule_model = SimpleNamespace(config=model_config(model, trust_remote_code))
+        # what segment()'s "auto" markers read (model_type); hf_config: the caller's, if it loaded one
+        self.rule_model = SimpleNamespace(config=hf_config or model_config(model, trust_remote_code))
         if llm is None:
             llm = LLM(model=model, dtype=dtype, seed=settings.seed, tensor_parallel_size=tensor_parallel_size,
                       data_parallel_size=data_parallel_size, max_model_len=max_model_len,
