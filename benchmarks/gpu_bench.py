@@ -183,15 +183,21 @@ def bench_oeb(device, dtype, smoke, rows):
 # --------------------------------------------------------------------------- saliency
 
 
+def saliency_inputs(t, device, dtype):
+    """q, k, v, grad_out of one Qwen2-1.5B layer on a T-token trace, its segmentation and seg ids."""
+    h, h_kv, d = SHAPES["1.5B"]
+    q = torch.randn(1, h, t, d, device=device, dtype=dtype)
+    k = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
+    v = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
+    g = torch.randn(1, h, t, d, device=device, dtype=dtype)
+    seg = trace_segments(t)
+    return q, k, v, g, seg, seg.seg_ids.to(device)
+
+
 def bench_saliency_op(device, dtype, smoke, rows):
     h, h_kv, d = SHAPES["1.5B"]
     for t in ([256] if smoke else [2048, 4096, 8192, 32768]):
-        q = torch.randn(1, h, t, d, device=device, dtype=dtype)
-        k = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
-        v = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
-        g = torch.randn(1, h, t, d, device=device, dtype=dtype)
-        seg = trace_segments(t)
-        ids = seg.seg_ids.to(device)
+        q, k, v, g, seg, ids = saliency_inputs(t, device, dtype)
         ours = measure(lambda: sf.step_saliency_pool(q, k, v, g, ids, seg.num_segments, d ** -0.5), device)
         ref = measure(lambda: sf.reference.step_saliency_pool(q, k, v, g, ids, seg.num_segments, d ** -0.5), device,
                       reps=3) if t <= 8192 else (float("nan"), float("nan"), "skipped")
@@ -336,12 +342,7 @@ def bench_paths(device, dtype, smoke, rows):
     is the default path; each baseline is a named set of switches (old = all of them off)."""
     h, h_kv, d = SHAPES["1.5B"]
     t = 256 if smoke else 8192
-    q = torch.randn(1, h, t, d, device=device, dtype=dtype)
-    k = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
-    v = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
-    g = torch.randn(1, h, t, d, device=device, dtype=dtype)
-    seg = trace_segments(t)
-    ids = seg.seg_ids.to(device)
+    q, k, v, g, seg, ids = saliency_inputs(t, device, dtype)
 
     def with_paths(fn, **paths):
         def run():

@@ -554,16 +554,7 @@ def test_prefill_T8192_paths_agree(seed):
     """T = 8192, d = 128, bf16, the bridge rule on a question / steps / summary trace: the paths
     (BN = 64 included) agree with the old one, and with bounds (-1, -1) with SDPA."""
     b, h, hkv, t, d = 1, 4, 2, 8192, 128
-    seg_ids, kinds = long_trace(t)
-    bounds = reference.oeb_bounds(seg_ids, kinds, "bridge").to(DEV)
-    kv_start = torch.zeros(b, dtype=torch.long, device=DEV)
-    q = torch.randn(b, h, t, d, device=DEV)
-    k = torch.randn(b, hkv, t, d, device=DEV)
-    channel = reference.channel_of_tokens(seg_ids, kinds).to(DEV)
-    q[..., 0] = 4.0
-    k[..., 0] = torch.tensor([-4.0, -3.0, 0.0], device=DEV)[channel] / (4.0 * d ** -0.5)
-    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
-    v = torch.randn(b, hkv, t, d, device=DEV, dtype=torch.bfloat16)
+    bounds, kv_start, q, k, v = long_bridge_inputs(b, h, hkv, t, d)
     scale = d ** -0.5
     off = torch.full_like(bounds, -1)
     sdpa_out = F.scaled_dot_product_attention(q, k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1),
@@ -662,11 +653,10 @@ def long_trace(t, question=256, step=512, summary=700):
     return torch.tensor([ids]), kinds
 
 
-def test_prefill_T8192_matches_sdpa_and_bridges(seed):
-    """T = 8192, d = 128, bf16: bounds (-1, -1) is SDPA (forward and backward) within bf16
-    tolerance, with and without a 1024-key window; the bridge rule on a question / steps / summary
-    trace is finite, fires on many rows and moves the output, and its gradients are finite."""
-    b, h, hkv, t, d = 1, 4, 2, 8192, 128
+def long_bridge_inputs(b, h, hkv, t, d, requires_grad=False):
+    """bf16 inputs on a long_trace(t) row: bridge bounds, kv_start 0, and q, k whose first channel adds
+    a logit of -4 on question keys, -3 on thinking keys and 0 on summary keys (q[..., 0] * k[..., 0] *
+    d^-0.5), so that thinking rows give the question little mass and the bridge fires."""
     seg_ids, kinds = long_trace(t)
     bounds = reference.oeb_bounds(seg_ids, kinds, "bridge").to(DEV)
     kv_start = torch.zeros(b, dtype=torch.long, device=DEV)
@@ -675,8 +665,19 @@ def test_prefill_T8192_matches_sdpa_and_bridges(seed):
     channel = reference.channel_of_tokens(seg_ids, kinds).to(DEV)
     q[..., 0] = 4.0
     k[..., 0] = torch.tensor([-4.0, -3.0, 0.0], device=DEV)[channel] / (4.0 * d ** -0.5)
-    q, k = q.to(torch.bfloat16).requires_grad_(), k.to(torch.bfloat16).requires_grad_()
-    v = torch.randn(b, hkv, t, d, device=DEV, dtype=torch.bfloat16).requires_grad_()
+    q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    v = torch.randn(b, hkv, t, d, device=DEV, dtype=torch.bfloat16)
+    if requires_grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return bounds, kv_start, q, k, v
+
+
+def test_prefill_T8192_matches_sdpa_and_bridges(seed):
+    """T = 8192, d = 128, bf16: bounds (-1, -1) is SDPA (forward and backward) within bf16
+    tolerance, with and without a 1024-key window; the bridge rule on a question / steps / summary
+    trace is finite, fires on many rows and moves the output, and its gradients are finite."""
+    b, h, hkv, t, d = 1, 4, 2, 8192, 128
+    bounds, kv_start, q, k, v = long_bridge_inputs(b, h, hkv, t, d, requires_grad=True)
     scale = d ** -0.5
     off = torch.full_like(bounds, -1)
     kr, vr = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)

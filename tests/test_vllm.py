@@ -299,6 +299,21 @@ def test_preemption_recompute(engines, qwen_dir):
     assert_same_as_hf(got, want * 2, "preempted")
 
 
+def run_script(tmp_path, source, *args, count, **env):
+    """Run `source` as a script in a process of its own; return the `count` lines it printed after
+    "RESULT " (the process's stderr in the failure message when it printed another number)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    done = subprocess.run([sys.executable, str(script), *map(str, args)], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    results = [x[len("RESULT "):] for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    assert len(results) == count, done.stderr[-3000:]
+    return results
+
+
 SPECULATIVE = """
 import json, sys
 from vllm import LLM, SamplingParams
@@ -326,15 +341,7 @@ def test_speculative_decoding_is_refused(tmp_path):
     """Draft tokens would be placed into steps before they are accepted: a steered request on an engine
     with speculative decoding (n-gram drafts) is refused in the caller; stock requests still run. (In a
     process of its own: vLLM 0.32 cannot start a speculative engine after another one in one process.)"""
-    import subprocess
-    import sys
-
-    script = tmp_path / "spec.py"
-    script.write_text(SPECULATIVE)
-    run_ = subprocess.run([sys.executable, str(script), PACKAGED_DIR, json.dumps(tiny_prompts()[0])],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    results = [x[len("RESULT "):] for x in run_.stdout.splitlines() if x.startswith("RESULT ")]
-    assert len(results) == 2, run_.stderr[-3000:]
+    results = run_script(tmp_path, SPECULATIVE, PACKAGED_DIR, json.dumps(tiny_prompts()[0]), count=2)
     assert results[0].startswith("refused:") and "speculative decoding" in results[0], results
     assert results[1] == "stock tokens 4", results
 
@@ -380,18 +387,10 @@ if __name__ == "__main__":
 def test_engine_core_in_its_own_process(tmp_path):
     """vLLM's default: the engine core (and its worker) in another process, which loads the plugin from
     the entry point by itself. The steered results are HF's there too."""
-    import subprocess
-    import sys
-
     prompts = tiny_prompts()
-    script = tmp_path / "engine.py"
-    script.write_text(ENGINE_PROCESS)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    run_ = subprocess.run([sys.executable, str(script), json.dumps(prompts), str(NEW), PACKAGED_DIR], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    line = next((x for x in run_.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert line is not None, run_.stderr[-3000:]
-    got = [tuple(r) for r in json.loads(line[len("RESULT "):])]
+    [line] = run_script(tmp_path, ENGINE_PROCESS, json.dumps(prompts), NEW, PACKAGED_DIR, count=1,
+                        VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    got = [tuple(r) for r in json.loads(line)]
     config = default_config(PACKAGED_DIR)
     assert_same_as_hf(got, hf_run(PACKAGED_DIR, prompts, config, steps="paragraph")[0], "engine core process")
     assert max_logprob_change(got, hf_run(PACKAGED_DIR, prompts, None)[0]) > 100 * LOGPROB_TOL
